@@ -1,0 +1,212 @@
+"""Low-rank representations of K-factors and their damped inverse application.
+
+* :func:`truncate` -- keep the ``rank`` leading modes (Alg. 4, lines 3-4).
+* :func:`light_correction` -- Algorithm 6: re-estimate ``n_crc`` randomly chosen modes of a
+  b-kfac representation from the true EA K-factor.
+* :func:`spectrum_continuation` -- Sec. 3.5: ``lambda <- lambda + min(d)``, ``d <- d - min(d)``.
+* :func:`damped_inverse_apply` -- ``(U diag(d) U^T + lambda I)^{-1} X`` (or ``X (...)^{-1}``),
+  the building block of Alg. 1, lines 16-17.
+* :func:`kfac_precondition` -- Alg. 1, lines 15-17: ``Gamma^{-1} J A^{-1}`` for a gradient
+  matrix ``J`` (d_G x d_A) from the two damped low-rank factor representations.
+* :func:`linear_time_factors` / :func:`linear_time_precondition` -- Algorithm 8: the same
+  product built from the batch matrices ``A_k`` (d_A x n) and ``G_k`` (d_G x n) with
+  ``J = scale * G_k A_k^T``, never forming ``J``: ``O(r (d_A + d_G) n)`` instead of
+  ``O(r d_A d_G)``.
+
+Conventions: a representation is ``(U, d)`` with ``U`` orthonormal (dim x r) and ``d``
+non-negative (r,), descending. The inverse of the damped low-rank factor is
+
+    (U diag(d) U^T + lambda I)^{-1} = U [diag(1 / (d + lambda)) - I / lambda] U^T + I / lambda,
+
+which is exact for any orthonormal ``U`` (full or partial): the ``dim - r`` missing
+eigenvalues are zero, so those directions see ``1 / lambda``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._checks import check_matrix, check_rank, check_vector
+from .eig import safe_eigh
+
+__all__ = [
+    "truncate",
+    "light_correction",
+    "spectrum_continuation",
+    "damped_inverse_apply",
+    "kfac_precondition",
+    "linear_time_factors",
+    "linear_time_precondition",
+    "dense_from_lowrank",
+]
+
+
+def dense_from_lowrank(U: Tensor, d: Tensor) -> Tensor:
+    """``U diag(d) U^T`` as a dense matrix (for tests and small factors only)."""
+    return (U * d) @ U.mT
+
+
+def truncate(U: Tensor, d: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Keep the ``rank`` leading modes of a representation with ``d`` descending (Alg. 4 l.3-4).
+
+    ``rank`` larger than the current width keeps everything; larger than the dimension
+    ``U.shape[0]`` raises ``ValueError``.
+    """
+    check_matrix("U", U)
+    check_vector("d", d, U.shape[1])
+    check_rank("rank", rank, U.shape[0])
+    return U[:, :rank], d[:rank]
+
+
+def light_correction(
+    U: Tensor,
+    d: Tensor,
+    M: Tensor,
+    n_crc: int,
+    generator: torch.Generator | None = None,
+    among: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Light correction of a b-kfac representation (Algorithm 6).
+
+    Choose ``n_crc`` column indices without replacement among the ``among`` leading modes
+    (default: all of them; b-kfac-c passes the truncation rank ``r``, Alg. 6 line 2), project
+    the EA K-factor ``M`` on them, ``M_S = U_S^T M U_S`` (n_crc x n_crc), and replace those
+    modes by the eigenpairs of ``M_S``: ``U[:, idx] <- U_S W``, ``d[idx] <- eigenvalues``.
+    Afterwards ``U_S^T (M - U diag(d) U^T) U_S = 0`` and the Frobenius error cannot grow
+    (paper footnote 11). The result is re-sorted in descending order. Cost
+    ``O(dim^2 n_crc + n_crc^3)``.
+    """
+    check_matrix("U", U)
+    check_vector("d", d, U.shape[1])
+    check_matrix("M", M, rows=U.shape[0], cols=U.shape[0])
+    width = U.shape[1]
+    among = width if among is None else min(among, width)
+    if isinstance(n_crc, bool) or not isinstance(n_crc, int) or n_crc < 1:
+        raise ValueError(f"n_crc must be an integer >= 1, got {n_crc!r}")
+    if n_crc > among:
+        raise ValueError(f"n_crc={n_crc} is larger than the number of modes to choose from ({among})")
+    if generator is None:
+        perm = torch.randperm(among)
+    else:
+        perm = torch.randperm(among, generator=generator, device=generator.device)
+    idx = perm[:n_crc].to(U.device)
+    Us = U[:, idx]
+    Ms = Us.mT @ (M @ Us)
+    Ms = 0.5 * (Ms + Ms.mT)
+    evals, W = safe_eigh(Ms)
+    U = U.clone()
+    d = d.clone()
+    U[:, idx] = Us @ W
+    d[idx] = evals.clamp_min(0.0)
+    order = torch.argsort(d, descending=True)
+    return U[:, order], d[order]
+
+
+def spectrum_continuation(d: Tensor, lam: float | Tensor) -> tuple[Tensor, Tensor | float]:
+    """Spectrum continuation (Sec. 3.5): ``lambda' = lambda + min(d)``, ``d' = d - min(d)``.
+
+    The ``dim - r`` eigenvalues a rank-``r`` representation sets to zero are instead taken
+    equal to the smallest one it holds. ``U diag(d') U^T + lambda' I`` equals
+    ``U diag(d) U^T + lambda I + min(d) (I - U U^T)``. For a full-rank representation
+    (``U`` square) this is the identity transformation.
+    """
+    if d.numel() == 0:
+        return d, lam
+    m = d.min()
+    return d - m, lam + m
+
+
+def _check_damping(lam) -> None:
+    value = float(lam)
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(f"damping lambda must be a positive finite number, got {value!r}")
+
+
+def damped_inverse_apply(U: Tensor, d: Tensor, lam, X: Tensor, side: str = "left") -> Tensor:
+    """``(U diag(d) U^T + lam I)^{-1} X`` for ``side='left'``, ``X (...)^{-1}`` for ``'right'``.
+
+    ``O(dim r k)`` for ``X`` of width ``k``; never forms a ``dim x dim`` matrix.
+    """
+    _check_damping(lam)
+    coef = 1.0 / (d + lam) - 1.0 / lam
+    if side == "left":
+        return U @ (coef[:, None] * (U.mT @ X)) + X / lam
+    if side == "right":
+        return ((X @ U) * coef) @ U.mT + X / lam
+    raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+
+
+def _prepare(U, d, lam, continuation):
+    if continuation:
+        d, lam = spectrum_continuation(d, lam)
+    return U, d, lam
+
+
+def kfac_precondition(
+    J: Tensor,
+    UA: Tensor,
+    dA: Tensor,
+    lamA,
+    UG: Tensor,
+    dG: Tensor,
+    lamG,
+    continuation: bool = False,
+) -> Tensor:
+    """Alg. 1, lines 15-17: ``S = (Gamma + lamG I)^{-1} J (A + lamA I)^{-1}``.
+
+    ``J`` is the gradient in matrix form (d_G x d_A), ``(UA, dA)`` and ``(UG, dG)`` the
+    representations of the A- and Gamma-factors. With ``continuation=True`` both go through
+    :func:`spectrum_continuation` first. Cost ``O(r d_A d_G)``.
+    """
+    check_matrix("J", J, rows=UG.shape[0], cols=UA.shape[0])
+    UA, dA, lamA = _prepare(UA, dA, lamA, continuation)
+    UG, dG, lamG = _prepare(UG, dG, lamG, continuation)
+    M = damped_inverse_apply(UA, dA, lamA, J, side="right")
+    return damped_inverse_apply(UG, dG, lamG, M, side="left")
+
+
+def linear_time_factors(
+    G: Tensor,
+    A: Tensor,
+    UA: Tensor,
+    dA: Tensor,
+    lamA,
+    UG: Tensor,
+    dG: Tensor,
+    lamG,
+    continuation: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Algorithm 8, lines 5 and 7: the preconditioned batch matrices.
+
+    Returns ``(G_hat, A_hat)`` with ``G_hat = (Gamma + lamG I)^{-1} G`` (d_G x n) and
+    ``A_hat = (A + lamA I)^{-1} A`` (d_A x n), so that the preconditioned step of the
+    gradient ``J = G A^T`` is ``S = G_hat A_hat^T`` (line 9; ``A_hat^T`` is the paper's
+    ``[A_k]^T [A_bar]^{-1}`` since the factor is symmetric). Cost ``O(r (d_A + d_G) n)``.
+    """
+    check_matrix("G", G, rows=UG.shape[0])
+    check_matrix("A", A, rows=UA.shape[0], cols=G.shape[1])
+    UA, dA, lamA = _prepare(UA, dA, lamA, continuation)
+    UG, dG, lamG = _prepare(UG, dG, lamG, continuation)
+    return (
+        damped_inverse_apply(UG, dG, lamG, G, side="left"),
+        damped_inverse_apply(UA, dA, lamA, A, side="left"),
+    )
+
+
+def linear_time_precondition(
+    G: Tensor,
+    A: Tensor,
+    UA: Tensor,
+    dA: Tensor,
+    lamA,
+    UG: Tensor,
+    dG: Tensor,
+    lamG,
+    continuation: bool = False,
+    scale: float = 1.0,
+) -> Tensor:
+    """Algorithm 8: ``S = scale * G_hat A_hat^T``, equal to ``kfac_precondition(scale * G A^T, ...)``."""
+    G_hat, A_hat = linear_time_factors(G, A, UA, dA, lamA, UG, dG, lamG, continuation)
+    S = G_hat @ A_hat.mT
+    return S if scale == 1.0 else S * scale
