@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import check_matrix, check_rank, check_vector
+from .._checks import check_matrix, check_rank, check_vector, clamp_rounding_negatives
 from .eig import safe_eigh
 
 __all__ = [
@@ -110,34 +110,75 @@ def spectrum_continuation(d: Tensor, lam: float | Tensor) -> tuple[Tensor, Tenso
     equal to the smallest one it holds. ``U diag(d') U^T + lambda' I`` equals
     ``U diag(d) U^T + lambda I + min(d) (I - U U^T)``. For a full-rank representation
     (``U`` square) this is the identity transformation.
+
+    ``d`` must be a finite vector and ``lam`` a finite non-negative number (``ValueError``
+    otherwise).
     """
+    check_vector("d", d)
+    _check_damping("lam", lam, allow_zero=True)
     if d.numel() == 0:
         return d, lam
     m = d.min()
     return d - m, lam + m
 
 
-def _check_damping(lam) -> None:
-    value = float(lam)
-    if not value > 0 or value != value or value == float("inf"):
-        raise ValueError(f"damping lambda must be a positive finite number, got {value!r}")
+def _check_damping(name: str, lam, allow_zero: bool = False) -> None:
+    """Damping must be a finite number, positive (or non-negative with ``allow_zero``)."""
+    if isinstance(lam, Tensor):
+        if lam.numel() != 1:
+            raise ValueError(f"damping {name} must be a scalar, got a tensor of shape {tuple(lam.shape)}")
+        value = float(lam)
+    elif isinstance(lam, (int, float)) and not isinstance(lam, bool):
+        value = float(lam)
+    else:
+        raise ValueError(f"damping {name} must be a number, got {lam!r}")
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or value != value or value == float("inf"):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"damping {name} must be a {kind} finite number, got {value!r}")
+
+
+def _check_rep(name_u: str, U: Tensor, name_d: str, d: Tensor) -> Tensor:
+    """Validate a representation ``(U, d)``; return ``d`` with rounding negatives clamped."""
+    check_matrix(name_u, U)
+    check_vector(name_d, d, U.shape[1])
+    if d.dtype != U.dtype or d.device != U.device:
+        raise ValueError(f"{name_u} and {name_d} must share dtype and device")
+    return clamp_rounding_negatives(name_d, d, max(U.shape[1], 1))
+
+
+def _apply(U: Tensor, d: Tensor, lam, X: Tensor, side: str) -> Tensor:
+    # (U diag(d) U^T + lam I)^{-1} = U diag(1/(d+lam) - 1/lam) U^T + I/lam  (no checks here)
+    coef = 1.0 / (d + lam) - 1.0 / lam
+    if side == "left":
+        return U @ (coef[:, None] * (U.mT @ X)) + X / lam
+    return ((X @ U) * coef) @ U.mT + X / lam
 
 
 def damped_inverse_apply(U: Tensor, d: Tensor, lam, X: Tensor, side: str = "left") -> Tensor:
     """``(U diag(d) U^T + lam I)^{-1} X`` for ``side='left'``, ``X (...)^{-1}`` for ``'right'``.
 
-    ``O(dim r k)`` for ``X`` of width ``k``; never forms a ``dim x dim`` matrix.
+    Alg. 1, lines 16-17 (one side each). ``U`` (dim x r) orthonormal, ``d`` (r,) non-negative
+    (negatives within rounding are treated as 0, larger ones raise), ``lam > 0``; ``X`` is
+    (dim x k) for ``'left'`` and (k x dim) for ``'right'``. ``O(dim r k)``; never forms a
+    ``dim x dim`` matrix.
     """
-    _check_damping(lam)
-    coef = 1.0 / (d + lam) - 1.0 / lam
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    d = _check_rep("U", U, "d", d)
+    _check_damping("lam", lam)
     if side == "left":
-        return U @ (coef[:, None] * (U.mT @ X)) + X / lam
-    if side == "right":
-        return ((X @ U) * coef) @ U.mT + X / lam
-    raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+        check_matrix("X", X, rows=U.shape[0])
+    else:
+        check_matrix("X", X, cols=U.shape[0])
+    if X.dtype != U.dtype:
+        raise ValueError(f"X and U must share a dtype, got {X.dtype} and {U.dtype}")
+    return _apply(U, d, lam, X, side)
 
 
-def _prepare(U, d, lam, continuation):
+def _prepare(name: str, U, d, lam, continuation):
+    d = _check_rep(f"U{name}", U, f"d{name}", d)
+    _check_damping(f"lam{name}", lam)
     if continuation:
         d, lam = spectrum_continuation(d, lam)
     return U, d, lam
@@ -159,11 +200,11 @@ def kfac_precondition(
     representations of the A- and Gamma-factors. With ``continuation=True`` both go through
     :func:`spectrum_continuation` first. Cost ``O(r d_A d_G)``.
     """
+    UA, dA, lamA = _prepare("A", UA, dA, lamA, continuation)
+    UG, dG, lamG = _prepare("G", UG, dG, lamG, continuation)
     check_matrix("J", J, rows=UG.shape[0], cols=UA.shape[0])
-    UA, dA, lamA = _prepare(UA, dA, lamA, continuation)
-    UG, dG, lamG = _prepare(UG, dG, lamG, continuation)
-    M = damped_inverse_apply(UA, dA, lamA, J, side="right")
-    return damped_inverse_apply(UG, dG, lamG, M, side="left")
+    M = _apply(UA, dA, lamA, J, side="right")
+    return _apply(UG, dG, lamG, M, side="left")
 
 
 def linear_time_factors(
@@ -184,14 +225,11 @@ def linear_time_factors(
     gradient ``J = G A^T`` is ``S = G_hat A_hat^T`` (line 9; ``A_hat^T`` is the paper's
     ``[A_k]^T [A_bar]^{-1}`` since the factor is symmetric). Cost ``O(r (d_A + d_G) n)``.
     """
+    UA, dA, lamA = _prepare("A", UA, dA, lamA, continuation)
+    UG, dG, lamG = _prepare("G", UG, dG, lamG, continuation)
     check_matrix("G", G, rows=UG.shape[0])
     check_matrix("A", A, rows=UA.shape[0], cols=G.shape[1])
-    UA, dA, lamA = _prepare(UA, dA, lamA, continuation)
-    UG, dG, lamG = _prepare(UG, dG, lamG, continuation)
-    return (
-        damped_inverse_apply(UG, dG, lamG, G, side="left"),
-        damped_inverse_apply(UA, dA, lamA, A, side="left"),
-    )
+    return _apply(UG, dG, lamG, G, side="left"), _apply(UA, dA, lamA, A, side="left")
 
 
 def linear_time_precondition(
@@ -206,7 +244,11 @@ def linear_time_precondition(
     continuation: bool = False,
     scale: float = 1.0,
 ) -> Tensor:
-    """Algorithm 8: ``S = scale * G_hat A_hat^T``, equal to ``kfac_precondition(scale * G A^T, ...)``."""
+    """Algorithm 8: ``S = scale * G_hat A_hat^T``, equal to ``kfac_precondition(scale * G A^T, ...)``.
+
+    Cost ``O(r (d_A + d_G) n + d_A d_G n)``; the last term is forming the step itself, which
+    the standard route also pays when it forms ``J = G A^T``.
+    """
     G_hat, A_hat = linear_time_factors(G, A, UA, dA, lamA, UG, dG, lamG, continuation)
     S = G_hat @ A_hat.mT
     return S if scale == 1.0 else S * scale
