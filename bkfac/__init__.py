@@ -1,10 +1,41 @@
 """bkfac: Brand New K-FACs (Puiu, arXiv:2210.08494) in PyTorch.
 
-The public API is re-exported here; the implementation lives in the subpackages
-``linalg`` <- ``inverses`` <- ``optim`` <- ``experiments`` (nothing lower imports higher).
+Public API (implementation in the subpackages ``linalg`` <- ``inverses`` <- ``optim`` <-
+``experiments``; nothing lower imports anything higher)::
+
+    import bkfac
+    opt = bkfac.make_optimizer("b-kfac", model)          # the paper's defaults
+    opt = bkfac.BKFAC(model, lr=0.1, t_brand=5, rank=64)  # or explicit hyper-parameters
 """
 
 from . import linalg
+from .optim import (
+    BKFAC,
+    BKFACC,
+    BRKFAC,
+    KFAC,
+    OPTIMIZERS,
+    PAPER_DEFAULTS,
+    RKFAC,
+    SGD,
+    SREKFAC,
+    EpochSchedule,
+    make_optimizer,
+    paper_defaults,
+)
 
 __version__ = "0.1.0"
-__all__ = ["linalg", "__version__"]
+
+
+def __getattr__(name):
+    if name == "SENG":  # lazy: the baseline lives in bkfac.baselines
+        from .baselines import SENG
+
+        return SENG
+    raise AttributeError(f"module 'bkfac' has no attribute {name!r}")
+
+
+__all__ = [
+    "linalg", "KFAC", "RKFAC", "SREKFAC", "BKFAC", "BRKFAC", "BKFACC", "SENG", "SGD",
+    "make_optimizer", "paper_defaults", "OPTIMIZERS", "PAPER_DEFAULTS", "EpochSchedule", "__version__",
+]

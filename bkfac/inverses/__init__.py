@@ -1,1 +1,23 @@
-"""bkfac.inverses"""
+"""Factor-inverse representations: one class per method, one interface."""
+
+from .methods import (
+    INVERSE_METHODS,
+    BrandCorrectedInverse,
+    BrandInverse,
+    BrandRSVDInverse,
+    EighInverse,
+    FactorInverse,
+    RSVDInverse,
+    SREVDInverse,
+)
+
+__all__ = [
+    "INVERSE_METHODS",
+    "BrandCorrectedInverse",
+    "BrandInverse",
+    "BrandRSVDInverse",
+    "EighInverse",
+    "FactorInverse",
+    "RSVDInverse",
+    "SREVDInverse",
+]

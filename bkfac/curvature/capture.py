@@ -1,0 +1,272 @@
+"""K-factor capture: forward/backward hooks on ``nn.Linear`` and ``nn.Conv2d``.
+
+For every supported layer we keep, after each training forward/backward, references to
+the layer input and to the gradient of the loss w.r.t. the layer output, and build the
+paper's batch matrices from them on demand (Sec. 2.1):
+
+* ``A_k`` (d_A x n_M), with ``A_k A_k^T`` the batch forward factor;
+* ``G_k`` (d_G x n_M), with ``G_k G_k^T`` the batch backward factor;
+* ``scale`` such that the gradient in matrix form is ``Mat(g) = scale * G_k A_k^T``
+  (eq. (20), used by Algorithm 8).
+
+Exact conventions (tested against brute force in ``tests/test_curvature.py``):
+
+Linear ``y = W x + b``. Input ``x`` of shape ``(n, *, in)``; the ``*`` positions (``T`` of
+them per sample, ``T = 1`` for an ordinary MLP) are treated like convolution positions.
+Augmented input ``a = [x; 1]`` (bias column only when the layer has a bias). With ``N = n T``:
+
+    A_k = [a_{i,t}] / sqrt(N)               so  A_k A_k^T = (1/N) sum_{i,t} a a^T
+    G_k = [g_{i,t}] / sqrt(n),  g_{i,t} = n * dL/dy_{i,t}   (loss_reduction='mean')
+                                g_{i,t} = dL/dy_{i,t}       (loss_reduction='sum')
+    Mat(g) = [dL/dW, dL/db] = sqrt(T) * G_k A_k^T           (scale = sqrt(T); 1 for an MLP)
+
+``g_i`` is the gradient of the *per-sample* loss, as in DESIGN.md.
+
+Conv2d (KFC, Grosse and Martens 2016): ``a_{i,t}`` is the unfolded input patch at output
+position ``t`` (``torch.nn.functional.unfold``, ordered ``(C_in, kh, kw)`` like
+``weight.view(C_out, -1)``), plus the bias entry; ``T = H_out W_out``, ``n_M = n T``.
+The same formulas hold: ``A = mean over samples and positions of a a^T`` and
+``Gamma = (1/n) sum_{i,t} g g^T`` (sum over positions), whose Kronecker product equals
+KFC's ``Omega (x) Gamma`` (they split the factor ``T`` differently; the product is what
+matters). Supported: any stride, padding (ints, ``'valid'``, symmetric ``'same'``),
+dilation; ``groups > 1`` and non-zero ``padding_mode`` are reported unsupported (those
+layers then get the plain SGD step).
+
+Hooks record only in training mode with gradients enabled; in-place activations after a
+layer are fine (the gradient hook sits on the layer's own output). ``remove()`` takes the
+hooks away. Monte-Carlo Fisher (eq. 2): :meth:`KFactorCapture.sampled_fisher_backward`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["KFactorCapture", "LayerCapture", "supported_reason"]
+
+
+def _conv_padding(module: nn.Conv2d):
+    pad = module.padding
+    if isinstance(pad, str):
+        if pad == "valid":
+            return (0, 0)
+        # 'same' with stride 1: total padding dilation*(k-1) per side pair, symmetric when even.
+        total = [module.dilation[i] * (module.kernel_size[i] - 1) for i in range(2)]
+        if any(t % 2 for t in total):
+            return None
+        return (total[0] // 2, total[1] // 2)
+    return tuple(pad)
+
+
+def supported_reason(module: nn.Module) -> str | None:
+    """``None`` when the layer is supported by K-FAC here, else a short reason."""
+    if isinstance(module, nn.Linear):
+        return None
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return f"Conv2d with groups={module.groups} is not supported"
+        if module.padding_mode != "zeros":
+            return f"Conv2d with padding_mode={module.padding_mode!r} is not supported"
+        if _conv_padding(module) is None:
+            return "Conv2d with asymmetric 'same' padding is not supported"
+        return None
+    return f"{type(module).__name__} has no Kronecker-factored form here"
+
+
+@dataclass
+class LayerCapture:
+    """What one supported layer recorded during the last training forward/backward."""
+
+    name: str
+    module: nn.Module
+    kind: str  # "linear" | "conv2d"
+    d_A: int
+    d_G: int
+    has_bias: bool
+    inputs: Tensor | None = None
+    grad_outputs: Tensor | None = None
+    forward_calls: int = 0
+    backward_calls: int = 0
+    handles: list = field(default_factory=list)
+
+    @property
+    def params(self) -> list[Tensor]:
+        ps = [self.module.weight]
+        if self.has_bias:
+            ps.append(self.module.bias)
+        return ps
+
+    def clear(self) -> None:
+        self.inputs = None
+        self.grad_outputs = None
+        self.forward_calls = 0
+        self.backward_calls = 0
+
+    # -- batch matrices -------------------------------------------------------------------
+    def _input_rows(self) -> Tensor:
+        """Rows ``a_{i,t}^T`` (N x d_A) of augmented inputs, and N."""
+        x = self.inputs
+        if x is None:
+            raise RuntimeError(
+                f"no input recorded for layer '{self.name}': call optimizer.step() after a forward "
+                "and backward pass in training mode"
+            )
+        m = self.module
+        if self.kind == "linear":
+            X = x.reshape(-1, x.shape[-1])
+        else:
+            pad = _conv_padding(m)
+            patches = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)
+            X = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        if self.has_bias:
+            X = torch.cat([X, X.new_ones(X.shape[0], 1)], dim=1)
+        return X
+
+    def _grad_rows(self, reduction: str) -> tuple[Tensor, int]:
+        g = self.grad_outputs
+        if g is None:
+            raise RuntimeError(
+                f"no output gradient recorded for layer '{self.name}': call optimizer.step() after "
+                "loss.backward() in training mode"
+            )
+        n = g.shape[0]
+        if self.kind == "linear":
+            Gm = g.reshape(-1, g.shape[-1])
+        else:
+            Gm = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
+        if reduction == "mean":
+            Gm = Gm * n
+        return Gm, n
+
+    def batch_matrices(self, reduction: str = "mean", dtype=None) -> tuple[Tensor, Tensor, float]:
+        """``(A_k, G_k, scale)`` with ``Mat(grad) = scale * G_k A_k^T`` (see module docstring)."""
+        X = self._input_rows()
+        Gm, n = self._grad_rows(reduction)
+        N = X.shape[0]
+        if Gm.shape[0] != N:
+            raise RuntimeError(f"layer '{self.name}': input and output-gradient positions differ ({N} vs {Gm.shape[0]})")
+        if dtype is not None:
+            X, Gm = X.to(dtype), Gm.to(dtype)
+        A = X.mT / math.sqrt(N)
+        G = Gm.mT / math.sqrt(n)
+        return A, G, math.sqrt(N / n)
+
+    def batch_A(self, dtype=None) -> Tensor:
+        X = self._input_rows()
+        if dtype is not None:
+            X = X.to(dtype)
+        return X.mT / math.sqrt(X.shape[0])
+
+    def batch_G(self, reduction: str = "mean", dtype=None) -> Tensor:
+        Gm, n = self._grad_rows(reduction)
+        if dtype is not None:
+            Gm = Gm.to(dtype)
+        return Gm.mT / math.sqrt(n)
+
+    def grad_matrix(self) -> Tensor:
+        """The gradient in matrix form ``[dL/dW, dL/db]`` (d_G x d_A)."""
+        W = self.module.weight
+        if W.grad is None:
+            raise RuntimeError(f"layer '{self.name}' has no gradient: call loss.backward() before step()")
+        J = W.grad.reshape(W.shape[0], -1)
+        if self.has_bias:
+            b = self.module.bias
+            gb = b.grad if b.grad is not None else torch.zeros_like(b)
+            J = torch.cat([J, gb.reshape(-1, 1)], dim=1)
+        return J
+
+    def set_update(self, S: Tensor) -> list[Tensor]:
+        """Split a step in matrix form back into parameter-shaped tensors."""
+        W = self.module.weight
+        if self.has_bias:
+            return [S[:, :-1].reshape(W.shape), S[:, -1].reshape(self.module.bias.shape)]
+        return [S.reshape(W.shape)]
+
+
+class KFactorCapture:
+    """Install the hooks on every supported layer of ``model``.
+
+    ``layers`` lists the supported layers in model order; ``unsupported`` maps the names of
+    other modules that own parameters directly to the reason (those parameters get SGD).
+    ``reduction`` is the loss reduction over the batch (``'mean'`` or ``'sum'``).
+    """
+
+    def __init__(self, model: nn.Module, reduction: str = "mean", skip: tuple[type, ...] = ()):
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {reduction!r}")
+        self.model = model
+        self.reduction = reduction
+        self.layers: list[LayerCapture] = []
+        self.unsupported: dict[str, str] = {}
+        self._record_grads = True
+        for name, module in model.named_modules():
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            reason = supported_reason(module) if not isinstance(module, skip) else "excluded"
+            if reason is not None:
+                self.unsupported[name or type(module).__name__] = reason
+                continue
+            lc = self._make(name, module)
+            lc.handles.append(module.register_forward_hook(self._forward_hook(lc)))
+            self.layers.append(lc)
+
+    @staticmethod
+    def _make(name: str, module: nn.Module) -> LayerCapture:
+        has_bias = module.bias is not None and module.bias.requires_grad
+        if isinstance(module, nn.Linear):
+            return LayerCapture(name, module, "linear", module.in_features + has_bias, module.out_features, has_bias)
+        kh, kw = module.kernel_size
+        d_A = module.in_channels * kh * kw + has_bias
+        return LayerCapture(name, module, "conv2d", d_A, module.out_channels, has_bias)
+
+    def _forward_hook(self, lc: LayerCapture):
+        def hook(module, inputs, output):
+            if not (module.training and torch.is_grad_enabled()):
+                return
+            lc.inputs = inputs[0].detach()
+            lc.forward_calls += 1
+            if output.requires_grad:
+                def grad_hook(g):
+                    if self._record_grads:
+                        lc.grad_outputs = g.detach()
+                        lc.backward_calls += 1
+                output.register_hook(grad_hook)
+
+        return hook
+
+    def clear(self) -> None:
+        for lc in self.layers:
+            lc.clear()
+
+    def remove(self) -> None:
+        """Remove every hook (the model is then an ordinary model again)."""
+        for lc in self.layers:
+            for h in lc.handles:
+                h.remove()
+            lc.handles.clear()
+            lc.clear()
+
+    def sampled_fisher_backward(self, logits: Tensor, generator: torch.Generator | None = None) -> None:
+        """Monte-Carlo Fisher (eq. 2): record ``G`` from labels sampled from the model.
+
+        Samples ``y ~ softmax(logits)`` and back-propagates the mean cross-entropy against
+        them with ``torch.autograd.grad`` (parameter ``.grad`` is left untouched, the graph is
+        retained for the real backward). The real ``loss.backward()`` that follows does not
+        overwrite the recorded ``G``.
+        """
+        probs = torch.softmax(logits.detach().float(), dim=-1)
+        y = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
+        loss = F.cross_entropy(logits, y, reduction=self.reduction)
+        outs = [p for lc in self.layers for p in lc.params]
+        self._record_grads = True
+        torch.autograd.grad(loss, outs, retain_graph=True, allow_unused=True)
+        self._record_grads = False
+
+    def resume_recording(self) -> None:
+        self._record_grads = True

@@ -1,0 +1,322 @@
+"""One class per factor-inverse method, behind one interface (:class:`FactorInverse`).
+
+Each instance holds the inverse representation ``(U, d)`` of ONE exponentially averaged
+K-factor (the A- or the Gamma-factor of one layer) and, where the method needs it, the
+dense EA factor itself (eq. 5):
+
+    M_0 = M_0 M_0^T,    M_k = rho M_{k-1} + (1 - rho) M_k M_k^T.
+
+The optimizer calls, at every step ``k``:
+
+1. ``wants_batch(k)``; when true, it builds the batch matrix ``M_k`` (d x n_M) and calls
+   ``observe(k, M_k)`` (the statistics phase);
+2. ``refresh(k)`` (the inverse-update phase);
+3. ``representation()`` -> ``(U, d)`` for the damped inverse application.
+
+========================  =====================  ===========================================
+class                      paper                  representation update
+========================  =====================  ===========================================
+:class:`EighInverse`       k-fac                  ``eigh`` of the dense EA factor every T_inv
+:class:`RSVDInverse`       r-kfac (Alg. 1 l.13)   ``rsvd`` of the dense EA factor every T_inv
+:class:`SREVDInverse`      sre-kfac               ``srevd`` of the dense EA factor every T_inv
+:class:`BrandInverse`      b-kfac (Alg. 4)        truncate to r, then B-update, every T_brand
+:class:`BrandRSVDInverse`  b-r-kfac (Alg. 5)      B-updates; RSVD overwrite every T_rsvd
+:class:`BrandCorrectedInverse` b-kfac-c (Alg. 6-7) B-updates; light correction every T_corct
+========================  =====================  ===========================================
+
+:class:`BrandInverse` is the low-memory b-kfac of Sec. 3.5: it never forms a ``d x d``
+matrix, also not at start-up (the first representation is the exact EVD of
+``M_0 M_0^T`` from a Brand update of an empty representation -- what an RSVD of ``M_0``
+gives when its rank fits, at ``O(d n^2)``). b-r-kfac and b-kfac-c need the dense factor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .._checks import check_open_unit, check_positive_int, clamp_rounding_negatives
+from ..linalg import brand_update, light_correction, rsvd, safe_eigh, srevd, truncate
+
+__all__ = [
+    "FactorInverse",
+    "EighInverse",
+    "RSVDInverse",
+    "SREVDInverse",
+    "BrandInverse",
+    "BrandRSVDInverse",
+    "BrandCorrectedInverse",
+    "INVERSE_METHODS",
+]
+
+
+class FactorInverse:
+    """Common interface and the dense EA bookkeeping.
+
+    Parameters (keyword-only): ``dim`` of the factor; ``rho`` in (0, 1); ``t_updt`` (period
+    of the dense EA statistics); ``rank``/``oversample``/``power_iters`` for the low-rank
+    methods (``rank``/``oversample`` may be callables of the epoch, the paper's schedules);
+    ``generator`` for the randomized parts; ``dtype``/``device`` of the stored state.
+    """
+
+    method = "base"
+    needs_dense = True
+
+    def __init__(self, dim: int, *, rho: float = 0.95, t_updt: int = 1, dtype=torch.float32,
+                 device=None, generator: torch.Generator | None = None):
+        check_positive_int("dim", dim)
+        check_open_unit("rho", rho)
+        check_positive_int("t_updt", t_updt)
+        self.dim = dim
+        self.rho = rho
+        self.t_updt = t_updt
+        self.dtype = dtype
+        self.device = device
+        self.generator = generator
+        self.factor: Tensor | None = None  # dense EA factor (d x d) when needs_dense
+        self.U: Tensor | None = None
+        self.d: Tensor | None = None
+        self.epoch = 1
+        self.updates = 0  # number of representation updates performed (for tests/inspection)
+        self._batch: Tensor | None = None
+
+    # -- the three calls of the optimizer ---------------------------------------------------
+    def wants_batch(self, k: int) -> bool:
+        return self.needs_dense and k % self.t_updt == 0
+
+    def observe(self, k: int, batch: Tensor) -> None:
+        """Receive the batch matrix ``M_k`` (d x n_M) of step ``k``."""
+        if batch.shape[0] != self.dim:
+            raise ValueError(f"batch matrix has {batch.shape[0]} rows, the factor has dimension {self.dim}")
+        self._batch = batch
+        self._before_dense_update(k)
+        if self.needs_dense and k % self.t_updt == 0:
+            self._update_dense(batch)
+
+    def _before_dense_update(self, k: int) -> None:
+        """Hook for methods that need the EA factor of step k-1 (b-r-kfac), before it moves on."""
+
+    def _update_dense(self, batch: Tensor) -> None:
+        outer = batch @ batch.mT
+        if self.factor is None:
+            self.factor = outer  # kappa(0) = 1 in eq. (5)
+        else:
+            self.factor.mul_(self.rho).add_(outer, alpha=1.0 - self.rho)
+
+    def refresh(self, k: int) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def representation(self) -> tuple[Tensor, Tensor]:
+        if self.U is None:
+            raise RuntimeError(f"{type(self).__name__}: no representation yet (no statistics observed)")
+        return self.U, self.d
+
+    def end_step(self) -> None:
+        self._batch = None
+
+    # -- inspection and checkpoints ------------------------------------------------------------
+    def state_bytes(self) -> int:
+        """Bytes of the tensors this representation keeps between steps."""
+        return sum(t.numel() * t.element_size() for t in (self.factor, self.U, self.d) if t is not None)
+
+    def state_dict(self) -> dict:
+        return {"factor": self.factor, "U": self.U, "d": self.d, "updates": self.updates, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.factor, self.U, self.d = state["factor"], state["U"], state["d"]
+        self.updates, self.epoch = state["updates"], state["epoch"]
+
+    def _set(self, U: Tensor, d: Tensor) -> None:
+        self.U, self.d = U.contiguous(), d.contiguous()
+        self.updates += 1
+
+    def describe(self) -> str:
+        return self.method
+
+
+def _value(x, epoch: int):
+    return x(epoch) if callable(x) else x
+
+
+class EighInverse(FactorInverse):
+    """k-fac: exact ``eigh`` of the dense EA factor every ``t_inv`` steps (Martens and Grosse 2015)."""
+
+    method = "eigh"
+
+    def __init__(self, dim: int, *, t_inv: int = 1, **kw):
+        super().__init__(dim, **kw)
+        check_positive_int("t_inv", t_inv)
+        self.t_inv = t_inv
+
+    def refresh(self, k: int) -> None:
+        if k % self.t_inv == 0 and self.factor is not None:
+            M = 0.5 * (self.factor + self.factor.mT)
+            evals, evecs = safe_eigh(M)
+            evals = clamp_rounding_negatives(f"eigenvalues of a {self.dim}x{self.dim} K-factor", evals.flip(0), self.dim)
+            self._set(evecs.flip(1), evals)
+
+
+class _LowRank(FactorInverse):
+    def __init__(self, dim: int, *, rank=220, oversample=10, power_iters: int = 4, **kw):
+        super().__init__(dim, **kw)
+        self.rank_schedule = rank
+        self.oversample_schedule = oversample
+        self.power_iters = power_iters
+        for name, sched in (("rank", rank), ("oversample", oversample)):
+            v = _value(sched, 1)
+            if name == "rank":
+                check_positive_int("rank", v)
+                if v > dim:
+                    raise ValueError(f"rank={v} is larger than the factor dimension {dim}")
+            elif isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"oversample must be a non-negative integer, got {v!r}")
+        if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 0:
+            raise ValueError(f"power_iters must be a non-negative integer, got {power_iters!r}")
+
+    @property
+    def rank(self) -> int:
+        return min(_value(self.rank_schedule, self.epoch), self.dim)
+
+    @property
+    def oversample(self) -> int:
+        return _value(self.oversample_schedule, self.epoch)
+
+    def _randomized(self, fn) -> None:
+        M = 0.5 * (self.factor + self.factor.mT)
+        U, d = fn(M, self.rank, self.oversample, self.power_iters, self.generator)
+        self._set(U, d)
+
+
+class RSVDInverse(_LowRank):
+    """r-kfac (rs-kfac, Alg. 1 line 13): RSVD of the dense EA factor every ``t_inv`` steps."""
+
+    method = "rsvd"
+
+    def __init__(self, dim: int, *, t_inv: int = 1, **kw):
+        super().__init__(dim, **kw)
+        check_positive_int("t_inv", t_inv)
+        self.t_inv = t_inv
+
+    def refresh(self, k: int) -> None:
+        if k % self.t_inv == 0 and self.factor is not None:
+            self._randomized(rsvd)
+
+
+class SREVDInverse(RSVDInverse):
+    """sre-kfac: symmetric randomized EVD of the dense EA factor every ``t_inv`` steps."""
+
+    method = "srevd"
+
+    def refresh(self, k: int) -> None:
+        if k % self.t_inv == 0 and self.factor is not None:
+            self._randomized(srevd)
+
+
+class BrandInverse(_LowRank):
+    """b-kfac (Algorithm 4): every ``t_brand`` steps, truncate to rank r, then B-update.
+
+    ``U, d <- brand_update(U[:, :r], rho * d[:r], sqrt(1 - rho) * M_k)`` with the batch
+    matrix ``M_k`` of that step (lines 3-7). The first representation is the exact EVD of
+    ``M_0 M_0^T`` (``kappa(0) = 1``). With ``t_brand > t_updt`` the batches in between are not
+    seen by the B-process (as in the paper: lines 2-7 run once every T_brand steps). The
+    inverse is applied with the width ``r + n_M`` representation (truncation happens just
+    before the next update). Never forms a ``d x d`` matrix (``needs_dense = False``).
+    """
+
+    method = "brand"
+    needs_dense = False
+
+    def __init__(self, dim: int, *, t_brand: int = 1, **kw):
+        super().__init__(dim, **kw)
+        check_positive_int("t_brand", t_brand)
+        self.t_brand = t_brand
+
+    def wants_batch(self, k: int) -> bool:
+        return k % self.t_brand == 0 or super().wants_batch(k)
+
+    def _b_update(self, batch: Tensor) -> None:
+        if self.U is None:
+            empty = batch.new_zeros(self.dim, 0)
+            U, d = brand_update(empty, batch.new_zeros(0), batch)
+        else:
+            U, d = truncate(self.U, self.d, self.rank)
+            U, d = brand_update(U, self.rho * d, math.sqrt(1.0 - self.rho) * batch)
+        self._set(U, d)
+
+    def refresh(self, k: int) -> None:
+        if k % self.t_brand == 0 and self._batch is not None:
+            self._b_update(self._batch)
+
+
+class BrandRSVDInverse(BrandInverse):
+    """b-r-kfac (Algorithm 5): B-updates every ``t_brand``; every ``t_rsvd`` steps the
+    truncated representation is first overwritten by ``rsvd`` of the EA factor of step k-1
+    (lines 2-4), then B-updated with the batch of step k (line 7). Needs the dense factor."""
+
+    method = "brand+rsvd"
+    needs_dense = True
+
+    def __init__(self, dim: int, *, t_rsvd: int = 1, **kw):
+        super().__init__(dim, **kw)
+        check_positive_int("t_rsvd", t_rsvd)
+        if t_rsvd % self.t_brand:
+            raise ValueError(f"t_rsvd={t_rsvd} must be a multiple of t_brand={self.t_brand}")
+        self.t_rsvd = t_rsvd
+        self._overwrite: tuple[Tensor, Tensor] | None = None
+
+    def _before_dense_update(self, k: int) -> None:
+        if k % self.t_rsvd == 0 and k > 0 and self.factor is not None:
+            M = 0.5 * (self.factor + self.factor.mT)
+            self._overwrite = rsvd(M, self.rank, self.oversample, self.power_iters, self.generator)
+
+    def wants_batch(self, k: int) -> bool:
+        return k % self.t_brand == 0 or k % self.t_updt == 0
+
+    def refresh(self, k: int) -> None:
+        if k % self.t_brand == 0 and self._batch is not None:
+            if self._overwrite is not None:
+                self.U, self.d = self._overwrite
+                self._overwrite = None
+                U, d = brand_update(self.U, self.rho * self.d, math.sqrt(1.0 - self.rho) * self._batch)
+                self._set(U, d)
+            else:
+                self._b_update(self._batch)
+
+
+class BrandCorrectedInverse(BrandInverse):
+    """b-kfac-c (Algorithm 7): B-updates every ``t_brand``; every ``t_corct`` steps, after
+    the B-update, the light correction of Algorithm 6 on ``n_crc = round(phi_crc * r)``
+    modes chosen among the leading ``r``, against the dense EA factor of step k."""
+
+    method = "brand+correction"
+    needs_dense = True
+
+    def __init__(self, dim: int, *, t_corct: int = 1, phi_crc: float = 0.5, **kw):
+        super().__init__(dim, **kw)
+        check_positive_int("t_corct", t_corct)
+        if t_corct % self.t_brand:
+            raise ValueError(f"t_corct={t_corct} must be a multiple of t_brand={self.t_brand}")
+        if not (0.0 < phi_crc <= 1.0):
+            raise ValueError(f"phi_crc must lie in (0, 1], got {phi_crc!r}")
+        self.t_corct = t_corct
+        self.phi_crc = phi_crc
+
+    def wants_batch(self, k: int) -> bool:
+        return k % self.t_brand == 0 or k % self.t_updt == 0
+
+    def refresh(self, k: int) -> None:
+        super().refresh(k)
+        if k % self.t_corct == 0 and k > 0 and self.factor is not None and self.U is not None:
+            r = min(self.rank, self.U.shape[1])
+            n_crc = max(1, round(self.phi_crc * r))
+            M = 0.5 * (self.factor + self.factor.mT)
+            U, d = light_correction(self.U, self.d, M, n_crc, self.generator, among=r)
+            self._set(U, d)
+
+
+INVERSE_METHODS = {
+    cls.method: cls
+    for cls in (EighInverse, RSVDInverse, SREVDInverse, BrandInverse, BrandRSVDInverse, BrandCorrectedInverse)
+}
