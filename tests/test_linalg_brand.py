@@ -56,6 +56,10 @@ def _update_block(kind: str, U: torch.Tensor, n: int, g: torch.Generator) -> tor
         return A
     if kind == "zero":
         return torch.zeros(dim, n, dtype=DT)
+    if kind == "ill_conditioned":  # full rank, singular values from 1 down to 1e-9
+        left = torch.linalg.qr(torch.randn(dim, n, dtype=DT, generator=g)).Q
+        right = torch.linalg.qr(torch.randn(n, n, dtype=DT, generator=g)).Q
+        return (left * torch.logspace(0, -9, n, dtype=DT)) @ right
     raise AssertionError(kind)
 
 
@@ -73,6 +77,7 @@ SYM_CASES = [
     (9, 70, 9, 6, "mixed"),
     (10, 64, 8, 4, "zero"),
     (11, 33, 4, 1, "in_span"),
+    (12, 90, 10, 12, "ill_conditioned"),
 ]
 
 
@@ -224,6 +229,50 @@ def test_brand_update_bad_input():
         brand_update(bad_U, d, A)
     with pytest.raises(ValueError, match="dtype"):
         brand_update(U, d, A.float())
+
+
+def test_fast_path_on_generic_data_and_robust_path_otherwise(monkeypatch):
+    """Generic blocks take the CholeskyQR2 fast path; deficient or ill-conditioned ones do not.
+
+    (A block inside ``span(U)`` in floating point leaves a projection of pure rounding noise,
+    which may be well conditioned: either path is then exact to rounding, so it is not listed.)
+    """
+    import bkfac.linalg.brand as brand
+
+    taken = []
+    real = brand._cholesky_qr2
+
+    def spy(P):
+        out = real(P)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(brand, "_cholesky_qr2", spy)
+    g = _gen(21)
+    U = _orthonormal(100, 10, g)
+    d = _spectrum(10, g)
+    for kind, fast in [("generic", True), ("rank_deficient", False), ("ill_conditioned", False)]:
+        taken.clear()
+        A = _update_block(kind, U, 8, g)
+        U_new, d_new = brand_update(U, d, A)
+        assert taken == [fast], kind
+        _check_sym(U, d, A, U_new, d_new, 18)
+
+
+@pytest.mark.parametrize("kind", ["generic", "ill_conditioned", "in_span"])
+def test_brand_update_float32(kind):
+    """In float32 (what training uses) the result is exact to float32 rounding."""
+    g = _gen(31)
+    U = _orthonormal(300, 30, g)
+    d = _spectrum(30, g)
+    A = _update_block(kind, U, 20, g)
+    U_new, d_new = brand_update(U.float(), d.float(), A.float())
+    assert U_new.dtype == torch.float32
+    assert float((U_new.mT @ U_new - torch.eye(50)).abs().max()) <= 1e-5
+    X = (U * d) @ U.mT + A @ A.mT
+    err = torch.linalg.matrix_norm((U_new.double() * d_new.double()) @ U_new.double().mT - X)
+    assert float(err / torch.linalg.matrix_norm(X)) <= 1e-5
+    assert float(d_new.min()) >= 0
 
 
 def test_orthonormal_extension_identity():
