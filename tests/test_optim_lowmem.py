@@ -30,10 +30,10 @@ def test_pure_bkfac_never_forms_a_dense_factor():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(D_IN, D_OUT), nn.ReLU(inplace=True), nn.Linear(D_OUT, 10))
     opt = bkfac.BKFAC(model, lr=0.01, t_updt=1, t_brand=1, t_inv=1, rank=220, rho=0.95)
-    n = 32
+    n = 64  # 5 steps: widths 64, 128, 192, 256, then truncate to 220 and add 64
     tracker = LargestAllocation()
     with tracker:
-        for k in range(3):
+        for k in range(5):
             x, y = torch.randn(n, D_IN), torch.randint(0, 10, (n,))
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()

@@ -61,6 +61,7 @@ from ..inverses import (
     SREVDInverse,
 )
 from ..linalg import damped_inverse_apply, spectrum_continuation
+from .comm import LocalComm
 from .schedules import EpochSchedule, as_schedule
 from .timer import PhaseTimer
 
@@ -69,6 +70,12 @@ __all__ = ["KFACFamily", "KFAC", "RKFAC", "SREKFAC", "BKFAC", "BRKFAC", "BKFACC"
 
 def _value(x, epoch):
     return x(epoch) if callable(x) else x
+
+
+def lc_positions(lc: LayerCapture) -> float:
+    """Positions per sample T of a layer's last batch (``scale = sqrt(T)`` in eq. (20))."""
+    g = lc.grad_outputs
+    return g.numel() / (g.shape[0] * lc.d_G)
 
 
 def _max_value(x):
@@ -114,6 +121,8 @@ class KFACFamily(torch.optim.Optimizer):
     exclude: module types to leave to SGD even if supported.
     timer: time the phases (``optimizer.timer``); ``sync_timer`` synchronises CUDA for it.
     check_finite: raise ``FloatingPointError`` naming the layer on a non-finite gradient.
+    comm: a :class:`~bkfac.optim.comm.LocalComm`-like object (``bkfac.distributed`` provides
+        the ``torch.distributed`` one); default: one process.
     """
 
     algorithm = "k-fac-family"
@@ -148,6 +157,7 @@ class KFACFamily(torch.optim.Optimizer):
         timer: bool = True,
         sync_timer: bool = False,
         check_finite: bool = True,
+        comm=None,
         **method_kw,
     ):
         if not isinstance(model, nn.Module):
@@ -196,6 +206,7 @@ class KFACFamily(torch.optim.Optimizer):
         self.lr_schedule = lr_schedule
         self.factor_dtype = factor_dtype
         self.check_finite = check_finite
+        self.comm = comm if comm is not None else LocalComm()
         self.method_kw = method_kw
         self._validate_method_kw()
         self.generator = torch.Generator()
@@ -271,7 +282,10 @@ class KFACFamily(torch.optim.Optimizer):
             lc = L.capture
             if lc.inputs is None:
                 continue
-            n_M = lc.batch_A().shape[1] if lc.kind == "conv2d" else lc.inputs.reshape(-1, lc.inputs.shape[-1]).shape[0]
+            if lc.grad_outputs is None:
+                continue
+            local = round(lc_positions(lc) * lc.grad_outputs.shape[0])
+            n_M = local * self.comm.world_size  # the global batch's columns (Sec. 3.5 policy)
             L.n_M = n_M
             L.inv_A = self._make_inverse(self._choose(lc.d_A, n_M), lc.d_A)
             L.inv_G = self._make_inverse(self._choose(lc.d_G, n_M), lc.d_G)
@@ -364,6 +378,7 @@ class KFACFamily(torch.optim.Optimizer):
         timer.start_step()
         updates: dict[int, Tensor] = {}
         with timer.phase("statistics"):
+            self.comm.all_reduce_gradients([p for g in self.param_groups for p in g["params"]])
             if self.check_finite:
                 self._check_grads()
             if not self._initialized:
@@ -378,23 +393,28 @@ class KFACFamily(torch.optim.Optimizer):
                             and lc.forward_calls == 1 and lc.backward_calls == 1)
                 A = G = None
                 if L.inv_A.wants_batch(k) or use_alg8:
-                    A = lc.batch_A(dtype)
+                    A = self.comm.gather_columns(lc.batch_A(dtype))
                     if self.check_finite and not bool(torch.isfinite(A).all()):
                         raise FloatingPointError(f"non-finite input activations in layer '{lc.name}' at step {k}")
                 if L.inv_G.wants_batch(k) or use_alg8:
-                    G = lc.batch_G(self.capture.reduction, dtype)
+                    G = self.comm.gather_columns(lc.batch_G(self.capture.reduction, dtype))
                     if self.check_finite and not bool(torch.isfinite(G).all()):
                         raise FloatingPointError(f"non-finite output gradients in layer '{lc.name}' at step {k}")
-                if L.inv_A.wants_batch(k):
+                if L.inv_A.wants_batch(k) and self.comm.is_owner((lc.name, "A")):
                     L.inv_A.observe(k, A)
-                if L.inv_G.wants_batch(k):
+                if L.inv_G.wants_batch(k) and self.comm.is_owner((lc.name, "G")):
                     L.inv_G.observe(k, G)
                 batches[id(L)] = (A, G, use_alg8)
         with timer.phase("inverse"):
+            invs = {}
             for L in self.layers:
                 if id(L) in batches:
-                    L.inv_A.refresh(k)
-                    L.inv_G.refresh(k)
+                    for fac, inv in (("A", L.inv_A), ("G", L.inv_G)):
+                        key = (L.capture.name, fac)
+                        if self.comm.is_owner(key):
+                            inv.refresh(k)
+                        invs[key] = inv
+            self.comm.sync_representations(invs)
         with timer.phase("precondition"):
             for L in self.layers:
                 if id(L) not in batches:
@@ -404,7 +424,8 @@ class KFACFamily(torch.optim.Optimizer):
                 UG, dG, lamG = self._damped(L.inv_G)
                 if use_alg8:
                     # Algorithm 8: S = (Gamma^-1 G_k)(A^-1 A_k)^T * scale, never forming Mat(g).
-                    scale = math.sqrt(A.shape[1] / L.capture.grad_outputs.shape[0])
+                    # (gathered columns: A and G both carry 1/sqrt(W), so the local scale is kept)
+                    scale = math.sqrt(lc_positions(L.capture))
                     G_hat = damped_inverse_apply(UG, dG, lamG, G, side="left")
                     A_hat = damped_inverse_apply(UA, dA, lamA, A, side="left")
                     S = (G_hat * scale) @ A_hat.mT
