@@ -1,0 +1,262 @@
+"""Shared helpers of the benchmarks: machine description, timing, atomic CSV/figure output,
+plain-text tables and log-log slope fits.
+
+Timings are wall-clock medians of repeated runs after a warm-up, with
+``torch.cuda.synchronize`` around every run on CUDA so that asynchronous kernels are
+counted. Speed is only ever *reported* (and compared with targets as ratios measured side
+by side in one process); no test asserts a timing.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+__all__ = [
+    "Timing",
+    "cpu_model",
+    "machine_info",
+    "resolve_device",
+    "resolve_dtype",
+    "sync",
+    "time_fn",
+    "tensor_bytes",
+    "write_csv_atomic",
+    "save_figure_atomic",
+    "format_table",
+    "loglog_slope",
+    "verdict",
+]
+
+
+def cpu_model() -> str:
+    """The CPU model name from ``/proc/cpuinfo`` (Linux), else ``platform.processor()``."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``'auto'`` -> CUDA when available else CPU; ``'cuda'`` without CUDA raises ``ValueError``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device: unknown device {name!r} ({exc})") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    table = {"float32": torch.float32, "float64": torch.float64}
+    if name not in table:
+        raise ValueError(f"--dtype must be one of {sorted(table)}, got {name!r}")
+    return table[name]
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict:
+    """CPU model, core count, torch version and threads, and the device's name."""
+    device = torch.device(device)
+    info = {
+        "cpu_model": cpu_model(),
+        "cpu_cores": os.cpu_count() or 0,
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    else:
+        info["device_name"] = info["cpu_model"]
+    return info
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for queued CUDA work on ``device`` (no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timing:
+    """Seconds of the runs of one measurement; ``median`` is what the tables report."""
+
+    runs: list[float] = field(default_factory=list)
+    peak_bytes: float = float("nan")  # CUDA only: peak extra memory allocated during a run
+    result: object = None  # the last run's return value when ``keep=True``
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.runs)
+
+    @property
+    def min(self) -> float:
+        return min(self.runs)
+
+
+def time_fn(
+    fn: Callable[[], object],
+    *,
+    device: torch.device | str = "cpu",
+    repeats: int = 3,
+    warmup: int = 1,
+    budget_s: float = 120.0,
+    slow_s: float = 2.0,
+    keep: bool = False,
+) -> Timing:
+    """Median-of-``repeats`` wall time of ``fn()`` after ``warmup`` discarded runs.
+
+    A run slower than ``slow_s`` makes warm-up effects negligible, so the first such run is
+    kept as a sample instead of being discarded; further runs stop once the samples total
+    ``budget_s`` (at least one run is always made). On CUDA every run is bracketed by
+    ``torch.cuda.synchronize`` and the peak memory allocated on top of what was live before
+    the run is recorded. With ``keep=True`` the last run's return value is kept in
+    ``Timing.result`` (so a slow function need not be called once more for its output).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    timing = Timing()
+
+    def one() -> float:
+        if cuda:
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        elapsed = time.perf_counter() - t0
+        if keep:
+            timing.result = out
+        del out
+        if cuda:
+            peak = torch.cuda.max_memory_allocated(device) - base
+            timing.peak_bytes = peak if math.isnan(timing.peak_bytes) else max(timing.peak_bytes, peak)
+        return elapsed
+
+    for _ in range(warmup):
+        elapsed = one()
+        if elapsed >= slow_s:
+            timing.runs.append(elapsed)
+            break
+    while len(timing.runs) < repeats and (not timing.runs or sum(timing.runs) < budget_s):
+        timing.runs.append(one())
+    return timing
+
+
+def tensor_bytes(*tensors: torch.Tensor) -> int:
+    """Bytes held by the given tensors (``numel * element_size``)."""
+    return int(sum(t.numel() * t.element_size() for t in tensors))
+
+
+def _atomic_target(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_csv_atomic(path: str | os.PathLike, rows: Sequence[dict], columns: Sequence[str] | None = None) -> Path:
+    """Write ``rows`` to ``path`` as CSV atomically.
+
+    The file is written to a temporary file in the same directory and moved into place with
+    ``os.replace``, so an interrupted run never leaves a half-written table.
+    """
+    path = Path(path)
+    if columns is None:
+        columns = []
+        for row in rows:
+            for key in row:
+                if key not in columns:
+                    columns.append(key)
+    tmp = _atomic_target(path)
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: _csv_value(row.get(k, "")) for k in columns})
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _csv_value(v):
+    if isinstance(v, float):
+        return "" if math.isnan(v) else repr(v)
+    return v
+
+
+def save_figure_atomic(fig, path: str | os.PathLike, **kwargs) -> Path:
+    """``fig.savefig`` to a temporary file in the same directory, then ``os.replace``."""
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kwargs)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _fmt(v, floatfmt: str) -> str:
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "-"
+        return format(v, floatfmt)
+    return str(v)
+
+
+def format_table(rows: Iterable[dict], columns: Sequence[str], headers: Sequence[str] | None = None,
+                 floatfmt: str = ".4g") -> str:
+    """A plain-text, right-aligned table (hand-written: a dozen lines, no extra dependency)."""
+    headers = list(headers or columns)
+    body = [[_fmt(row.get(c, ""), floatfmt) for c in columns] for row in rows]
+    widths = [max([len(h)] + [len(line[i]) for line in body]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in body]
+    return "\n".join(lines)
+
+
+def loglog_slope(x: Sequence[float], y: Sequence[float]) -> float:
+    """Least-squares slope of ``log y`` against ``log x`` (``nan`` with fewer than 2 points)."""
+    pts = [(math.log(a), math.log(b)) for a, b in zip(x, y) if a > 0 and b > 0 and math.isfinite(b)]
+    if len(pts) < 2:
+        return float("nan")
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    if sxx == 0:
+        return float("nan")
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
+
+
+def verdict(ok: bool | None) -> str:
+    """``PASS`` / ``FAIL`` / ``n/a`` (target not measurable in this run)."""
+    return "n/a" if ok is None else ("PASS" if ok else "FAIL")
