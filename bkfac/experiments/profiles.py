@@ -1,0 +1,180 @@
+"""Run profiles (``smoke``, ``cpu``, ``paper``): YAML files validated on load.
+
+A profile fixes every hyper-parameter of an experiment: data subset, model, training
+length, targets, the K-FAC family's shared hyper-parameters (on top of the paper's,
+:func:`bkfac.paper_defaults`), the optimizer runs of Table 2, and the error study.
+Unknown keys and bad values raise ``ValueError`` naming them; every run's optimizer is
+built once on a tiny model at load time, so a bad hyper-parameter fails before training.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+PROFILE_DIR = Path(__file__).with_name("profiles")
+PROFILES = ("smoke", "cpu", "paper")
+
+_SCHEMA = {
+    "name": str,
+    "description": str,
+    "device": str,
+    "data": {"n_train": (int, type(None)), "n_test": (int, type(None))},
+    "model": dict,
+    "train": {
+        "epochs": int,
+        "batch_size": int,
+        "test_batch_size": int,
+        "seeds": list,
+        "targets": list,
+        "max_batches_per_epoch": (int, type(None)),
+    },
+    "kfac": dict,
+    "runs": dict,
+    "error_study": {
+        "t_updt": int,
+        "window": int,
+        "window_epochs": list,
+        "repeats": int,
+        "layer": str,
+    },
+}
+
+KFAC_NAMES = ("k-fac", "r-kfac", "sre-kfac", "b-kfac", "b-r-kfac", "b-kfac-c")
+
+__all__ = ["Profile", "load_profile", "PROFILES"]
+
+
+def _check(section: dict, schema: dict, where: str) -> None:
+    if not isinstance(section, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(section).__name__}")
+    unknown = sorted(set(section) - set(schema))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(schema)}")
+    missing = sorted(set(schema) - set(section))
+    if missing:
+        raise ValueError(f"missing key(s) {missing} in {where}")
+    for key, kind in schema.items():
+        value = section[key]
+        if isinstance(kind, dict):
+            _check(value, kind, f"{where}.{key}")
+        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"{where}.{key} has a bad value {value!r} (expected {kind})")
+
+
+@dataclass
+class Profile:
+    """A validated run profile (see the YAML files in ``bkfac/experiments/profiles``)."""
+
+    name: str
+    raw: dict
+
+    @property
+    def device(self) -> str:
+        return self.raw["device"]
+
+    @property
+    def data(self) -> dict:
+        return self.raw["data"]
+
+    @property
+    def model(self) -> dict:
+        return copy.deepcopy(self.raw["model"])
+
+    @property
+    def train(self) -> dict:
+        return self.raw["train"]
+
+    @property
+    def runs(self) -> dict:
+        return self.raw["runs"]
+
+    @property
+    def error_study(self) -> dict:
+        return self.raw["error_study"]
+
+    def run_names(self) -> list[str]:
+        return list(self.raw["runs"])
+
+    def resolve_run(self, name: str) -> tuple[str, dict, str]:
+        """``(optimizer name, hyper-parameters, label)`` of run ``name`` (a run of the profile
+        or a plain optimizer name)."""
+        from ..optim.factory import _normalise
+
+        runs = self.raw["runs"]
+        if name not in runs:
+            try:
+                key = _normalise(name)
+            except ValueError:
+                raise ValueError(f"unknown run/optimizer {name!r} for profile {self.name!r}; "
+                                 f"runs: {', '.join(runs)}") from None
+            matches = [r for r, spec in runs.items() if spec["optimizer"] == key and "hyper" not in spec]
+            name = matches[0] if matches else key
+            spec = runs.get(name, {"optimizer": key})
+        else:
+            spec = runs[name]
+        opt = spec["optimizer"]
+        hyper = {}
+        if opt in KFAC_NAMES:
+            hyper.update(copy.deepcopy(self.raw["kfac"]))
+        hyper.update(copy.deepcopy(spec.get("hyper", {})))
+        return opt, hyper, spec.get("label", name)
+
+
+def _validate_runs(profile: Profile) -> None:
+    import torch.nn as nn
+
+    from ..optim.factory import make_optimizer
+
+    for run, spec in profile.runs.items():
+        if not isinstance(spec, dict) or "optimizer" not in spec:
+            raise ValueError(f"runs.{run} must be a mapping with an 'optimizer' key")
+        bad = sorted(set(spec) - {"optimizer", "hyper", "label"})
+        if bad:
+            raise ValueError(f"unknown key(s) {bad} in runs.{run}; allowed: hyper, label, optimizer")
+        opt, hyper, _ = profile.resolve_run(run)
+        tiny = nn.Sequential(nn.Linear(4, 3))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                o = make_optimizer(opt, tiny, **hyper)
+            if hasattr(o, "remove_hooks"):
+                o.remove_hooks()
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"profile {profile.name!r}, run {run!r}: {exc}") from None
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """Load and validate a profile by name (``smoke``, ``cpu``, ``paper``) or YAML path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.exists():
+            raise FileNotFoundError(f"profile file {path} does not exist")
+    else:
+        if name_or_path not in PROFILES:
+            raise ValueError(f"unknown profile {name_or_path!r}; choose one of {', '.join(PROFILES)} "
+                             "or give a path to a YAML file")
+        path = PROFILE_DIR / f"{name_or_path}.yaml"
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    _check(raw, _SCHEMA, f"profile {path.name}")
+    t = raw["train"]
+    for key in ("epochs", "batch_size", "test_batch_size"):
+        if t[key] < 1:
+            raise ValueError(f"train.{key} must be >= 1, got {t[key]}")
+    if not all(isinstance(a, float) and 0 < a < 1 for a in t["targets"]):
+        raise ValueError(f"train.targets must be accuracies in (0, 1), got {t['targets']}")
+    if not t["seeds"] or not all(isinstance(s, int) and s >= 0 for s in t["seeds"]):
+        raise ValueError(f"train.seeds must be non-negative integers, got {t['seeds']}")
+    if raw["device"] not in ("cpu", "cuda") and not raw["device"].startswith("cuda:"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {raw['device']!r}")
+    profile = Profile(raw["name"], raw)
+    from .models import build_model
+
+    build_model(profile.model)  # validates the model section (unknown keys -> ValueError)
+    _validate_runs(profile)
+    return profile

@@ -1,0 +1,241 @@
+"""The training harness: one loop for every optimizer (Sec. 6, Table 2).
+
+``train_run(profile, run, seed=...)`` trains the profile's model on CIFAR-10 with one
+optimizer run of the profile, and records per epoch: test accuracy and loss, training loss,
+wall time split into phases (data, forward/backward, and the optimizer's own phases:
+statistics, inverse, precondition, rest), and the time and number of epochs to each
+target accuracy. A checkpoint is written at the end of every epoch; ``resume=True``
+restarts from the last one and, since the data order, the augmentation and every random
+number generator are restored, finishes with the same numbers as an uninterrupted run.
+
+Outputs under ``data/results/<profile>/<run>/seed<k>/`` (atomic writes):
+``history.csv`` (one row per epoch), ``summary.json`` (times/epochs to targets, t_epoch),
+``checkpoint.pt`` (latest epoch). Timing excludes evaluation on the test set, as the paper's
+t_epoch does not say otherwise; evaluation time is recorded separately.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..optim.factory import make_optimizer
+from .data import load_cifar10, make_loaders, subset
+from .models import build_model
+from .profiles import Profile
+from .results import atomic_torch_save, read_csv, results_dir, write_csv, write_json
+
+__all__ = ["train_run", "RunResult", "resolve_device", "evaluate"]
+
+PHASE_COLUMNS = ("data", "forward_backward", "statistics", "inverse", "precondition", "rest")
+
+
+def resolve_device(device: str | None, profile: Profile | None = None) -> torch.device:
+    """``device`` (or the profile's), checked: a CUDA device that does not exist is an error."""
+    name = device or (profile.device if profile is not None else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"invalid device {name!r}: {exc}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available on this machine "
+                             "(use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"unsupported device {name!r}: use 'cpu' or 'cuda[:N]'")
+    return dev
+
+
+@torch.no_grad()
+def evaluate(model, loader) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) on a loader, in eval mode."""
+    was = model.training
+    model.eval()
+    correct = total = 0
+    loss = 0.0
+    for x, y in loader:
+        out = model(x)
+        loss += float(F.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+        total += y.numel()
+    model.train(was)
+    return correct / total, loss / total
+
+
+@dataclass
+class RunResult:
+    profile: str
+    run: str
+    label: str
+    optimizer: str
+    seed: int
+    history: list[dict] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    out_dir: Path | None = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rng_state(device):
+    st = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def _set_rng_state(st, device):
+    torch.set_rng_state(st["torch"])
+    if device.type == "cuda" and "cuda" in st:
+        torch.cuda.set_rng_state(st["cuda"], device)
+
+
+def summarize(history: list[dict], targets: list[float]) -> dict:
+    """Times (cumulative training seconds) and epochs to each target accuracy, t_epoch."""
+    out = {"epochs_run": len(history)}
+    if history:
+        out["final_test_acc"] = history[-1]["test_acc"]
+        out["best_test_acc"] = max(h["test_acc"] for h in history)
+        out["t_epoch_mean"] = sum(h["epoch_seconds"] for h in history) / len(history)
+        sq = sum((h["epoch_seconds"] - out["t_epoch_mean"]) ** 2 for h in history)
+        out["t_epoch_std"] = math.sqrt(sq / max(len(history) - 1, 1))
+    for a in targets:
+        hit = next((h for h in history if h["test_acc"] >= a), None)
+        key = f"{a * 100:g}"
+        out[f"time_to_{key}"] = hit["train_seconds"] if hit else None
+        out[f"epochs_to_{key}"] = hit["epoch"] if hit else None
+    return out
+
+
+def train_run(
+    profile: Profile,
+    run: str,
+    *,
+    seed: int = 0,
+    device: str | None = None,
+    data_dir: str | None = None,
+    out_root: str | None = None,
+    resume: bool = False,
+    epochs: int | None = None,
+    progress: bool = True,
+    stop_after_batches: int | None = None,
+) -> RunResult:
+    """Train run ``run`` of ``profile`` (see module docstring). ``stop_after_batches`` simulates
+    an interruption (for tests): the run stops after that many batches of the last epoch
+    without writing that epoch."""
+    from tqdm.auto import tqdm
+
+    dev = resolve_device(device, profile)
+    opt_name, hyper, label = profile.resolve_run(run)
+    t = profile.train
+    n_epochs = epochs or t["epochs"]
+    out_dir = results_dir(profile.name, out_root) / run / f"seed{seed}"
+    ckpt_path = out_dir / "checkpoint.pt"
+
+    arrays = load_cifar10(data_dir)
+    if profile.data["n_train"] is not None or profile.data["n_test"] is not None:
+        arrays = subset(arrays, profile.data["n_train"] or arrays.n_train, profile.data["n_test"] or arrays.n_test, seed=0)
+    train_loader, test_loader = make_loaders(arrays, batch_size=t["batch_size"], test_batch_size=t["test_batch_size"],
+                                             seed=seed, device=dev)
+    torch.manual_seed(seed)
+    model = build_model(profile.model).to(dev)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unsupported layers (BatchNorm) get SGD: listed by describe()
+        opt = make_optimizer(opt_name, model, **hyper)
+    history: list[dict] = []
+    start_epoch = 1
+    train_seconds = 0.0
+    if resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        history = ck["history"]
+        _set_rng_state(ck["rng"], dev)
+        start_epoch = ck["epoch"] + 1
+        train_seconds = history[-1]["train_seconds"] if history else 0.0
+    batches = len(train_loader)
+    if t["max_batches_per_epoch"]:
+        batches = min(batches, t["max_batches_per_epoch"])
+    result = RunResult(profile.name, run, label, opt_name, seed, history, out_dir=out_dir)
+    for epoch in range(start_epoch, n_epochs + 1):
+        opt.set_epoch(epoch)
+        train_loader.set_epoch(epoch)
+        model.train()
+        phases = dict.fromkeys(PHASE_COLUMNS, 0.0)
+        loss_sum = 0.0
+        _sync(dev)
+        t_epoch = time.perf_counter()
+        it = train_loader.iter_from(0)
+        bar = tqdm(range(batches), desc=f"{run} seed{seed} epoch {epoch}/{n_epochs}", disable=not progress,
+                   leave=False, mininterval=2.0)
+        for b in bar:
+            if stop_after_batches is not None and epoch == n_epochs and b >= stop_after_batches:
+                bar.close()
+                result.summary = {"interrupted": True}
+                return result
+            t0 = time.perf_counter()
+            x, y = next(it)
+            _sync(dev)
+            t1 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            logits = model(x)
+            if getattr(opt, "fisher", "empirical") == "mc" and opt.wants_statistics():
+                opt.capture.sampled_fisher_backward(logits)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            _sync(dev)
+            t2 = time.perf_counter()
+            opt.step()
+            _sync(dev)
+            t3 = time.perf_counter()
+            phases["data"] += t1 - t0
+            phases["forward_backward"] += t2 - t1
+            timed = opt.timer.last
+            for p in ("statistics", "inverse", "precondition", "rest"):
+                phases[p] += timed.get(p, 0.0)
+            phases["rest"] += max(0.0, (t3 - t2) - sum(timed.get(p, 0.0) for p in timed))
+            loss_sum += float(loss.detach())
+            if b % 20 == 0:
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            if not math.isfinite(float(loss.detach())):
+                raise FloatingPointError(f"{run}: non-finite training loss at epoch {epoch}, batch {b}")
+        bar.close()
+        _sync(dev)
+        epoch_seconds = time.perf_counter() - t_epoch
+        train_seconds += epoch_seconds
+        t_eval = time.perf_counter()
+        acc, test_loss = evaluate(model, test_loader)
+        row = dict(epoch=epoch, test_acc=acc, test_loss=test_loss, train_loss=loss_sum / batches,
+                   epoch_seconds=epoch_seconds, train_seconds=train_seconds,
+                   eval_seconds=time.perf_counter() - t_eval, lr=opt.param_groups[0]["lr"],
+                   **{f"t_{k}": v for k, v in phases.items()})
+        history.append(row)
+        if progress:
+            print(f"[{profile.name}] {label} seed {seed} epoch {epoch}: test acc {acc:.4f}, "
+                  f"loss {test_loss:.4f}, {epoch_seconds:.1f} s", flush=True)
+        write_csv(out_dir / "history.csv", history)
+        atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history,
+                           "epoch": epoch, "rng": _rng_state(dev)}, ckpt_path)
+    result.summary = summarize(history, t["targets"])
+    result.summary.update(profile=profile.name, run=run, label=label, optimizer=opt_name, seed=seed,
+                          device=str(dev), torch=torch.__version__, machine=platform.processor() or platform.machine(),
+                          batches_per_epoch=batches)
+    write_json(out_dir / "summary.json", result.summary)
+    return result
+
+
+def load_history(profile: str, run: str, seed: int = 0, out_root: str | None = None) -> list[dict]:
+    """Read a run's ``history.csv`` back (numbers converted)."""
+    rows = read_csv(results_dir(profile, out_root) / run / f"seed{seed}" / "history.csv")
+    return [{k: (float(v) if k != "epoch" else int(v)) for k, v in r.items()} for r in rows]
