@@ -1,0 +1,165 @@
+"""The paper's modified VGG16_bn (Sec 6, footnote 21) and the smoke-test CNN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bkfac.experiments.models import (
+    ModifiedVGG16BN,
+    SmallCNN,
+    build_model,
+    count_parameters,
+    fc_layers,
+    paper_model,
+)
+
+# VGG16 "D", written out independently of the module's constant
+_CONVS = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+
+
+def _expected_params(width: float, fc_hidden: int, num_classes: int = 10) -> int:
+    chans = [max(1, round(c * width)) for c in _CONVS]
+    total, c_in = 0, 3
+    for c in chans:
+        total += 9 * c_in * c + c + 2 * c  # conv weight + bias, BN weight + bias
+        c_in = c
+    fc0_in = c_in * 4 * 8
+    return total + fc0_in * fc_hidden + fc_hidden + fc_hidden * num_classes + num_classes
+
+
+def test_paper_model_matches_the_paper():
+    m = paper_model()
+    assert isinstance(m.fc0, nn.Linear) and isinstance(m.fc1, nn.Linear)
+    assert (m.fc0.in_features, m.fc0.out_features) == (16384, 2048)  # "16384-in x 2048-out"
+    assert (m.fc1.in_features, m.fc1.out_features) == (2048, 10)  # "2048-in x 10-out"
+    assert m.dropout.p == 0.5
+    assert m.feature_shape == (512, 4, 8)
+    assert count_parameters(m) == _expected_params(1.0, 2048)
+    assert 48.0e6 < count_parameters(m) < 48.6e6  # 14.7M conv (VGG16) + 33.6M FC0 + FC1
+    assert list(fc_layers(m)) == ["fc0", "fc1"]
+    convs = [x for x in m.features if isinstance(x, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == _CONVS
+    assert sum(isinstance(x, nn.BatchNorm2d) for x in m.features) == 13
+    relus = [x for x in m.modules() if isinstance(x, nn.ReLU)]
+    assert len(relus) == 14 and all(r.inplace for r in relus)
+
+
+def test_pools_alternate_and_shapes_follow():
+    m = ModifiedVGG16BN(width=0.125, fc_hidden=32)
+    pools = [x for x in m.features if isinstance(x, nn.MaxPool2d)]
+    kernels = [tuple(p.kernel_size) for p in pools]
+    assert kernels == [(2, 1), (1, 2), (2, 1), (1, 2), (2, 1)]
+    assert all(tuple(p.stride) == tuple(p.kernel_size) for p in pools)
+    assert m.pool_kernels == tuple(kernels)
+    shapes = []
+    hooks = [p.register_forward_hook(lambda mod, i, o: shapes.append(tuple(o.shape[2:]))) for p in pools]
+    m.eval()
+    with torch.no_grad():
+        m(torch.randn(2, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    assert shapes == [(16, 32), (16, 16), (8, 16), (8, 8), (4, 8)]  # last map: 4 high x 8 wide
+    literal = ModifiedVGG16BN(width=0.125, fc_hidden=32, pools="2x1")
+    assert literal.feature_shape == (64, 1, 32) and literal.fc0.in_features == 2048
+
+
+@pytest.mark.parametrize(
+    "width, fc_hidden, fc0_in",
+    [(0.125, 512, 2048), (0.25, 1024, 4096), (0.5, 512, 8192), (0.001, 16, 32)],
+)
+def test_width_scaling(width, fc_hidden, fc0_in):
+    m = ModifiedVGG16BN(width=width, fc_hidden=fc_hidden)
+    assert m.fc0.in_features == m.fc0_in_features == fc0_in
+    assert m.fc0.out_features == fc_hidden
+    assert count_parameters(m) == _expected_params(width, fc_hidden)
+    convs = [x for x in m.features if isinstance(x, nn.Conv2d)]
+    assert all(c.out_channels >= 1 for c in convs)
+
+
+def test_cpu_profile_width_keeps_fc0_wide():
+    m = build_model({"arch": "vgg16_bn_mod", "width": 0.25, "fc_hidden": 1024})
+    assert m.fc0.in_features >= 4096
+
+
+def test_forward_backward_and_learning():
+    torch.manual_seed(0)
+    m = ModifiedVGG16BN(width=0.125, fc_hidden=64, dropout=0.0)
+    x = torch.randn(6, 3, 32, 32)
+    y = torch.arange(6) % 10
+    out = m(x)
+    assert out.shape == (8, 10)
+    loss = nn.functional.cross_entropy(out, y)
+    loss.backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert m.fc0.weight.grad.abs().sum() > 0
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    first = float(loss.detach())
+    for _ in range(10):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.5 * first
+
+
+def test_dropout_active_only_in_training():
+    torch.manual_seed(0)
+    m = ModifiedVGG16BN(width=0.125, fc_hidden=64)
+    x = torch.randn(4, 3, 32, 32)
+    m.eval()
+    with torch.no_grad():
+        assert torch.equal(m(x), m(x))
+    m.train()
+    torch.manual_seed(1)
+    a = m(x)
+    torch.manual_seed(2)
+    b = m(x)
+    assert not torch.equal(a, b)
+
+
+def test_init_like_torchvision_vgg():
+    torch.manual_seed(0)
+    m = ModifiedVGG16BN(width=0.25, fc_hidden=1024)
+    assert abs(float(m.fc0.weight.std()) - 0.01) < 5e-4 and float(m.fc0.bias.abs().max()) == 0.0
+    conv = m.features[0]
+    fan_out = conv.out_channels * 9
+    assert abs(float(conv.weight.std()) - (2.0 / fan_out) ** 0.5) < 0.25 * (2.0 / fan_out) ** 0.5
+
+
+def test_small_cnn():
+    m = SmallCNN()
+    assert m.fc0.in_features == 2048 >= 512
+    out = m(torch.randn(5, 3, 32, 32))
+    assert out.shape == (5, 10)
+    out.sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
+    assert list(fc_layers(m)) == ["fc0", "fc1"]
+    assert build_model({"arch": "small_cnn", "channels": [8, 16], "fc_hidden": 32}).fc0.in_features == 1024
+
+
+def test_build_model_names_and_errors():
+    assert isinstance(build_model("small_cnn"), SmallCNN)
+    m = build_model({"arch": "vgg16_bn_mod", "width": 0.125, "fc_hidden": 128, "dropout": 0.3})
+    assert isinstance(m, ModifiedVGG16BN) and m.fc0.out_features == 128 and m.dropout.p == 0.3
+    with pytest.raises(ValueError, match="resnet"):
+        build_model("resnet18")
+    with pytest.raises(ValueError, match="hidden_size"):
+        build_model({"arch": "vgg16_bn_mod", "hidden_size": 3})
+    with pytest.raises(ValueError, match="arch"):
+        build_model({"width": 0.25})
+    with pytest.raises(ValueError, match="width"):
+        ModifiedVGG16BN(width=0)
+    with pytest.raises(ValueError, match="dropout"):
+        ModifiedVGG16BN(width=0.125, dropout=1.0)
+    with pytest.raises(ValueError, match="pools"):
+        ModifiedVGG16BN(width=0.125, pools="2x2")
+    with pytest.raises(ValueError, match="fc_hidden"):
+        SmallCNN(fc_hidden=0)
+
+
+def test_build_paper_alias_is_the_paper_model():
+    m = build_model("paper")
+    assert m.fc0.in_features == 16384 and m.fc0.out_features == 2048 and m.fc1.out_features == 10
