@@ -337,3 +337,43 @@ def test_result_object_reports():
     assert res.rows()[0]["checks"] > 0
     with pytest.raises(KeyError):
         res.statement("no such statement")
+
+
+# ------------------------------------------------------------------------------------------
+# Footnote 11 and the optimizer's factor-inverse classes on a toy stream
+# ------------------------------------------------------------------------------------------
+
+
+def test_light_correction_check_holds():
+    res = P.check_light_correction(200, seed=4)
+    assert res.holds and res.instances == 200
+    assert res.statement("fn. 11: U_S^T (M_k - M~_k) U_S = 0 on the corrected modes").checks > 50
+
+
+def test_track_inverses_matches_the_toy_processes():
+    from bkfac.inverses import BrandInverse, EighInverse, RSVDInverse
+
+    d, n, r, rho = 40, 4, 6, 0.9
+    B = toy.ToyEA(dim=d, batch=n, rho=rho, decay="power", rate=1.5, noise=0.02).sample(12, _gen(8))
+    kw = dict(rho=rho, dtype=torch.float64)
+    invs = {
+        "eigh": EighInverse(d, t_inv=1, **kw),
+        "brand": BrandInverse(d, rank=r, t_brand=1, **kw),
+        "stale": RSVDInverse(d, rank=r, t_inv=100, oversample=d - r, power_iters=2, generator=_gen(1), **kw),
+    }
+    out = toy.track_inverses(B, invs)
+    assert max(out["eigh"]["error"]) < 1e-12
+    # b-kfac's representation is M~_B,k of eq. (10)
+    proc = toy.bkfac_process(B, rho, r)
+    Ms = toy.ea_process(B, rho)
+    for k in range(12):
+        ref = float(torch.linalg.matrix_norm(Ms[k] - proc.mtilde[k]) / torch.linalg.matrix_norm(Ms[k]))
+        assert abs(out["brand"]["error"][k] - ref) < 1e-10
+        assert out["brand"]["width"][k] == min(n * (k + 1), r + n)
+    # an RSVD at k = 0 never refreshed is "rsvd at 0, no update" (q = d: exact top-r)
+    none = toy.rsvd_then_no_update(B, rho, r)
+    for k in range(12):
+        ref = float(torch.linalg.matrix_norm(Ms[k] - none[k]) / torch.linalg.matrix_norm(Ms[k]))
+        assert abs(out["stale"]["error"][k] - ref) < 1e-8
+    with pytest.raises(ValueError, match="inverses"):
+        toy.track_inverses(B, {})

@@ -43,6 +43,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from ..linalg import light_correction
 from .toy import (
     ToyEA,
     bkfac_process,
@@ -65,6 +66,7 @@ __all__ = [
     "check_prop_3_2",
     "check_prop_4_1",
     "check_prop_4_2",
+    "check_light_correction",
     "DEFAULT_TOL",
 ]
 
@@ -808,6 +810,69 @@ def check_prop_4_2(
                 ev = torch.linalg.eigvalsh(_sym(Ej))
                 want = torch.sort(torch.cat([torch.linalg.eigvalsh(_sym(MM))[-n:], -D0, Ej.new_zeros(d - n - r)])).values
                 batch.scalar("(S.25) eig(E_j) = eig(M_j M_j^T) and -D_M0,r", float((ev - want).abs().max()) / target, kind="proof")
+            batch.flush()
+            count += 1
+    return _finish(tally, count, t0)
+
+
+# --------------------------------------------------------------------------------------------
+# Footnote 11: the light correction (Alg. 6) cannot increase the Frobenius error
+# --------------------------------------------------------------------------------------------
+
+
+def check_light_correction(
+    n_instances: int = 1000,
+    seed: int = 0,
+    tol: float = DEFAULT_TOL,
+    *,
+    dims: tuple[int, int] = (6, 40),
+    batches: tuple[int, int] = (1, 8),
+    ranks: tuple[int, int] = (2, 12),
+    steps: tuple[int, int] = (2, 8),
+    rhos: tuple[float, float] = (0.5, 0.99),
+) -> PropositionCheck:
+    """Footnote 11 (Sec. 3.4): a light correction (Alg. 6) of ``M~_{B,k}`` never increases
+    ``||M_k - M~_k||_F``, and afterwards ``U_S^T (M_k - M~_k) U_S = 0`` on the corrected modes.
+
+    On every instance the b-kfac representation of the last step is corrected with
+    :func:`bkfac.linalg.light_correction` on ``n_crc`` (uniform in ``1..r``) modes chosen among
+    the leading ``r`` (as b-kfac-c does, Alg. 7), against the exact EA factor.
+    """
+    ranges = _ranges(dims, batches, ranks, steps, rhos)
+    ranges["n_crc"] = "uniform in 1..r"
+    tally = _Tally("Footnote 11 (light correction)", tol, ranges)
+    t0 = time.perf_counter()
+    count = 0
+    g = torch.Generator().manual_seed(int(seed) + 104729)
+    with _single_thread():
+        for idx, inst in enumerate(sample_instances(n_instances, seed, dims, batches, ranks, steps, rhos)):
+            Bt = inst.batches()
+            rho, r = inst.toy.rho, inst.rank
+            M = ea_process(Bt, rho)[-1]
+            U, d = bkfac_process(Bt, rho, r).factors[-1]
+            among = min(r, U.shape[1])
+            n_crc = int(torch.randint(1, among + 1, (1,), generator=g))
+            before = (U * d) @ U.mT
+            Uc, dc = light_correction(U, d, M, n_crc, generator=g, among=among)
+            after = (Uc * dc) @ Uc.mT
+            batch = _Batch(tally, idx)
+            e_b = float(torch.linalg.matrix_norm(M - before))
+            e_a = float(torch.linalg.matrix_norm(M - after))
+            batch.scalar("fn. 11: ||M_k - M~_k||_F does not increase", (e_a - e_b) / float(torch.linalg.matrix_norm(M)))
+            # The corrected columns U_S W span the chosen subspace S; U_S^T (M - M~) U_S = 0 means
+            # every pair of them sees zero error. Columns of Uc that are not (up to sign) columns of U
+            # were rotated by the correction, so they lie in S: check the error on them.
+            # A column kept (up to sign) with a new eigenvalue was corrected too (n_crc = 1, or W
+            # with a unit column).
+            overlap, match = (U.mT @ Uc).abs().max(dim=0)
+            moved = (dc - d[match]).abs() > 1e-12 * float(d.abs().max())
+            changed = torch.nonzero((overlap < 1.0 - 1e-9) | moved).flatten()
+            if changed.numel():
+                Us = Uc[:, changed]
+                batch.scalar(
+                    "fn. 11: U_S^T (M_k - M~_k) U_S = 0 on the corrected modes",
+                    float(torch.linalg.matrix_norm(Us.mT @ (M - after) @ Us)) / float(torch.linalg.matrix_norm(M)),
+                )
             batch.flush()
             count += 1
     return _finish(tally, count, t0)

@@ -23,6 +23,7 @@ Prop. 4.1: rsvd at 0, then B-updates            :func:`rsvd_then_bupdates`
 eq. (14): ``sum_i kappa(i) rho^(k-i) E_i``      :func:`ea_sum`
 eq. (15), (16): the error terms ``E_i``         :func:`no_update_error_terms`, :func:`bupdate_error_terms`
 eq. (17): the worst case of no update           :func:`orthogonal_no_update_case`
+the optimizer's factor-inverse classes          :func:`track_inverses`
 ==============================================  ==========================================
 
 "rsvd" means the exact optimal rank-``r`` truncation throughout, as in the paper ("ignoring
@@ -62,6 +63,7 @@ __all__ = [
     "no_update_error_terms",
     "bupdate_error_terms",
     "orthogonal_no_update_case",
+    "track_inverses",
 ]
 
 DECAYS = ("power", "exp", "flat")
@@ -394,3 +396,37 @@ def orthogonal_no_update_case(
         out.append(G)
     return out
 
+
+
+def track_inverses(batches: Sequence[Tensor], inverses: dict) -> dict[str, dict[str, list]]:
+    """Feed a toy update stream to the optimizer's factor-inverse objects, step by step.
+
+    ``inverses`` maps a name to a :class:`bkfac.inverses.FactorInverse` (built with the same
+    ``rho`` and ``t_updt = 1`` as the stream's EA). At every step ``k`` each object gets the
+    optimizer's three calls -- ``observe(k, M_k)`` when it ``wants_batch(k)``, ``refresh(k)``,
+    ``representation()`` -- and the relative Frobenius error of its representation against
+    the exact EA factor (8), ``||M_k - U diag(d) U^T||_F / ||M_k||_F``, is recorded together
+    with the representation's width. Returns ``{name: {"error": [...], "width": [...]}}``.
+    """
+    _check_batches(batches)
+    if not inverses:
+        raise ValueError("inverses must name at least one factor-inverse object")
+    rho = next(iter(inverses.values())).rho
+    for name, inv in inverses.items():
+        if abs(inv.rho - rho) > 0 or inv.dim != batches[0].shape[0]:
+            raise ValueError(f"inverses[{name!r}] must share rho and the stream's dimension")
+    out = {name: {"error": [], "width": []} for name in inverses}
+    exact = None
+    for k, M in enumerate(batches):
+        outer = M @ M.mT
+        exact = outer if exact is None else rho * exact + (1.0 - rho) * outer
+        scale = float(torch.linalg.matrix_norm(exact))
+        for name, inv in inverses.items():
+            if inv.wants_batch(k):
+                inv.observe(k, M)
+            inv.refresh(k)
+            U, d = inv.representation()
+            out[name]["error"].append(float(torch.linalg.matrix_norm(exact - _dense(U, d))) / scale)
+            out[name]["width"].append(int(U.shape[1]))
+            inv.end_step()
+    return out

@@ -1,0 +1,652 @@
+"""The book's machinery: chapter list, run profiles, papermill execution, nbval copies, preview.
+
+The book (``_quarto.yml``) lists the chapter notebooks; every chapter has one cell tagged
+``parameters`` (papermill's convention) whose plain assignments are its knobs. The values
+for a *profile* live in ``chapters/params/<profile>.yaml``::
+
+    common:                 # applied to every chapter whose parameters cell defines the name
+      device: cpu
+    02-brand:               # keyed by the chapter's file stem
+      dims: [256, 512]
+
+``profile`` itself is always set to the profile's name (where the chapter defines it).
+
+* :func:`chapters` -- the chapter notebooks, in book order (chapters, then appendices).
+* :func:`load_params` -- the validated parameters of one chapter for one profile.
+* ``bkfac reproduce --profile P [--chapters ...]`` (:func:`add_reproduce_args`,
+  :func:`run_reproduce`) -- execute every chapter with papermill (kernel ``python3``, working
+  directory ``chapters/``). ``cpu`` and ``paper`` execute *in place* (the committed notebooks
+  are executed with ``cpu``); ``smoke`` writes to the git-ignored ``.nbrun/smoke/``.
+* :func:`prepare` -- papermill ``prepare_only`` copies (parameters injected, stored outputs
+  kept) for nbval: ``python -m bkfac.book prepare --profile smoke --out .nbrun/smoke``.
+* :func:`preview` -- render the executed chapters to HTML with nbconvert into ``.preview/``
+  (no Quarto needed): ``python -m bkfac.book preview``.
+
+Chapters locate the repository with :func:`repo_root` and write their figures, tables and
+data through :func:`output_dir` / :func:`save_figure` / :func:`save_table`, so relative
+paths never depend on the kernel's working directory (papermill runs in ``chapters/``,
+nbval in the directory of the copy). The ``smoke`` profile writes to ``.nbrun/smoke/``
+instead of ``figures/``, ``tables/`` and ``data/``, so a test run never overwrites the
+committed results.
+
+Never set ``MPLBACKEND=Agg`` for notebook runs: it removes the figure outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import yaml
+
+__all__ = [
+    "PROFILES",
+    "KERNEL",
+    "repo_root",
+    "chapters",
+    "chapter_path",
+    "parameters_cell",
+    "load_params",
+    "validate_params",
+    "output_dir",
+    "save_figure",
+    "save_table",
+    "markdown_table",
+    "run_stamp",
+    "stamp_figure",
+    "execute_chapter",
+    "prepare",
+    "preview",
+    "add_reproduce_args",
+    "run_reproduce",
+    "main",
+]
+
+#: The run profiles (DESIGN "Run profiles"): smoke (tests), cpu (default, committed), paper (GPU).
+PROFILES = ("smoke", "cpu", "paper")
+#: Profiles whose runs replace the committed notebooks and results.
+IN_PLACE_PROFILES = ("cpu", "paper")
+#: The Jupyter kernel every chapter runs on.
+KERNEL = "python3"
+COMMON = "common"
+NBRUN = ".nbrun"
+
+
+# --------------------------------------------------------------------------------------------
+# Locations
+# --------------------------------------------------------------------------------------------
+
+
+def repo_root() -> Path:
+    """The repository root (the directory holding ``_quarto.yml``).
+
+    Looked up from ``$BKFAC_ROOT``, then upwards from this package (editable install), then
+    upwards from the working directory. Raises ``FileNotFoundError`` when none holds it.
+    """
+    env = os.environ.get("BKFAC_ROOT")
+    if env:
+        root = Path(env).expanduser().resolve()
+        if (root / "_quarto.yml").is_file():
+            return root
+        raise FileNotFoundError(f"BKFAC_ROOT={env!r} does not contain _quarto.yml")
+    for start in (Path(__file__).resolve().parent, Path.cwd().resolve()):
+        for cand in (start, *start.parents):
+            if (cand / "_quarto.yml").is_file():
+                return cand
+    raise FileNotFoundError(
+        "could not find the book's _quarto.yml above the bkfac package or the working directory; "
+        "run from the repository or set BKFAC_ROOT"
+    )
+
+
+def _quarto_config(root: Path) -> dict:
+    path = root / "_quarto.yml"
+    with open(path, encoding="utf-8") as fh:
+        cfg = yaml.safe_load(fh) or {}
+    if not isinstance(cfg.get("book"), dict):
+        raise ValueError(f"{path}: no 'book:' section")
+    return cfg
+
+
+def _flatten(entries: Iterable[Any]) -> list[str]:
+    out: list[str] = []
+    for entry in entries or []:
+        if isinstance(entry, str):
+            out.append(entry)
+        elif isinstance(entry, dict):
+            if "href" in entry:
+                out.append(str(entry["href"]))
+            out.extend(_flatten(entry.get("chapters", [])))
+    return out
+
+
+def book_files(root: Path | None = None) -> list[str]:
+    """Every file of the book (chapters, then appendices) as written in ``_quarto.yml``."""
+    root = root or repo_root()
+    book = _quarto_config(root)["book"]
+    return _flatten(book.get("chapters", [])) + _flatten(book.get("appendices", []))
+
+
+def chapters(root: Path | None = None) -> list[Path]:
+    """The chapter notebooks (``.ipynb``) listed in ``_quarto.yml``, in book order, as absolute paths."""
+    root = root or repo_root()
+    return [root / f for f in book_files(root) if f.endswith(".ipynb")]
+
+
+def chapter_path(chapter: str | os.PathLike, root: Path | None = None) -> Path:
+    """Resolve a chapter given by file stem (``'02-brand'``), file name or path."""
+    root = root or repo_root()
+    known = chapters(root)
+    name = Path(chapter).name
+    stem = name[: -len(".ipynb")] if name.endswith(".ipynb") else name
+    for path in known:
+        if path.stem == stem:
+            return path
+    raise ValueError(f"unknown chapter {str(chapter)!r}; the book's chapters are: {', '.join(p.stem for p in known)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters
+# --------------------------------------------------------------------------------------------
+
+
+def _read_nb(path: Path) -> dict:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _source(cell: dict) -> str:
+    src = cell.get("source", "")
+    return "".join(src) if isinstance(src, list) else src
+
+
+def _tags(cell: dict) -> list[str]:
+    return list(cell.get("metadata", {}).get("tags", []))
+
+
+def parameters_cell(nb_or_path: dict | str | os.PathLike) -> dict[str, Any]:
+    """The names and default values assigned in the chapter's cell tagged ``parameters``.
+
+    Only plain assignments of literals (``name = 3``, ``dims = [64, 128]``) are allowed, so
+    the values can be read without executing anything. Raises ``ValueError`` when there is
+    not exactly one such cell or it holds anything else.
+    """
+    nb = nb_or_path if isinstance(nb_or_path, dict) else _read_nb(Path(nb_or_path))
+    cells = [c for c in nb.get("cells", []) if c.get("cell_type") == "code" and "parameters" in _tags(c)]
+    if len(cells) != 1:
+        raise ValueError(f"a chapter needs exactly one code cell tagged 'parameters', found {len(cells)}")
+    out: dict[str, Any] = {}
+    for node in ast.parse(_source(cells[0])).body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise ValueError(f"the parameters cell may only hold 'name = literal' lines, got: {ast.unparse(node)!r}")
+        try:
+            out[node.targets[0].id] = ast.literal_eval(node.value)
+        except ValueError as exc:
+            raise ValueError(f"parameter {node.targets[0].id!r} must be a literal, got {ast.unparse(node.value)!r}") from exc
+    return out
+
+
+def _check_profile(profile: str) -> None:
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
+
+
+def _params_file(profile: str, root: Path) -> dict:
+    path = root / "chapters" / "params" / f"{profile}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"missing parameter file {path}")
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ValueError(f"{path}: expected a mapping of sections ('{COMMON}', chapter stems) to mappings")
+    return data
+
+
+def load_params(profile: str, chapter: str | os.PathLike, root: Path | None = None) -> dict[str, Any]:
+    """The parameters to inject into ``chapter`` for ``profile``.
+
+    ``profile`` must be one of :data:`PROFILES` (else ``ValueError`` listing them). The values
+    are the ``common`` section restricted to the names the chapter's parameters cell defines,
+    overridden by the chapter's own section (keyed by its file stem), plus
+    ``profile=<profile>``. A name in the chapter's section that its parameters cell does not
+    define raises ``ValueError`` naming it.
+    """
+    _check_profile(profile)
+    root = root or repo_root()
+    path = chapter_path(chapter, root)
+    names = parameters_cell(path)
+    data = _params_file(profile, root)
+    params = {k: v for k, v in data.get(COMMON, {}).items() if k in names}
+    section = data.get(path.stem, {})
+    unknown = sorted(set(section) - set(names))
+    if unknown:
+        raise ValueError(
+            f"chapters/params/{profile}.yaml, section {path.stem!r}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
+            f"the chapter's parameters cell defines: {', '.join(names)}"
+        )
+    params.update(section)
+    if "profile" in names:
+        params["profile"] = profile
+    return params
+
+
+def validate_params(root: Path | None = None) -> list[str]:
+    """Every problem with the parameter files, as messages (empty list: all good).
+
+    Each profile file exists; its sections are ``common`` or a chapter stem of the book; every
+    chapter's section only names parameters its cell defines; every ``common`` name is
+    defined by at least one chapter.
+    """
+    root = root or repo_root()
+    problems: list[str] = []
+    cells = {p.stem: parameters_cell(p) for p in chapters(root)}
+    for profile in PROFILES:
+        try:
+            data = _params_file(profile, root)
+        except (FileNotFoundError, ValueError) as exc:
+            problems.append(str(exc))
+            continue
+        for section, values in data.items():
+            if section == COMMON:
+                for key in values:
+                    if not any(key in names for names in cells.values()):
+                        problems.append(f"{profile}.yaml: common parameter {key!r} is defined by no chapter")
+            elif section not in cells:
+                problems.append(f"{profile}.yaml: section {section!r} is not a chapter of the book")
+            else:
+                for key in values:
+                    if key not in cells[section]:
+                        problems.append(f"{profile}.yaml: {section}: unknown parameter {key!r}")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers for the chapters: outputs and provenance
+# --------------------------------------------------------------------------------------------
+
+
+def output_dir(kind: str, profile: str) -> Path:
+    """Where a chapter writes ``kind`` (``'figures'``, ``'tables'`` or ``'data'``) for ``profile``.
+
+    ``cpu``/``paper``: the repository's ``figures/``, ``tables/``, ``data/``; ``smoke``:
+    ``.nbrun/smoke/<kind>/`` (git-ignored), so tests never overwrite committed results.
+    """
+    if kind not in ("figures", "tables", "data"):
+        raise ValueError(f"kind must be 'figures', 'tables' or 'data', got {kind!r}")
+    _check_profile(profile)
+    root = repo_root()
+    base = root if profile in IN_PLACE_PROFILES else root / NBRUN / profile
+    out = base / kind
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _atomic_write(path: Path, write) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_figure(fig, name: str, profile: str, dpi: int = 120) -> Path:
+    """Save a matplotlib figure as ``<output_dir('figures')>/<name>.png`` atomically."""
+    path = output_dir("figures", profile) / f"{name}.png"
+    return _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
+
+
+def _fmt(value: Any, floatfmt: str) -> str:
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return format(value, floatfmt)
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, headers: Sequence[str] | None = None,
+                   floatfmt: str = ".3g") -> str:
+    """A GitHub/Pandoc pipe table of ``rows`` (numbers right-aligned)."""
+    columns = list(columns or (rows[0].keys() if rows else []))
+    headers = list(headers or columns)
+    numeric = [all(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in rows) for c in columns]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c, ""), floatfmt).replace("|", "\\|") for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def save_table(rows: Sequence[dict], name: str, profile: str, columns: Sequence[str] | None = None) -> Path:
+    """Write ``rows`` to ``<output_dir('tables')>/<name>.csv`` atomically; returns the path."""
+    columns = list(columns or (rows[0].keys() if rows else []))
+    path = output_dir("tables", profile) / f"{name}.csv"
+
+    def write(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow({c: r.get(c, "") for c in columns})
+
+    return _atomic_write(path, write)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def run_stamp(profile: str, device: str = "cpu") -> str:
+    """One line naming the profile and the hardware a result was computed on."""
+    import torch
+
+    dev = str(device)
+    if dev.startswith("cuda") and torch.cuda.is_available():
+        hw = f"GPU {torch.cuda.get_device_name(torch.device(dev))}"
+    else:
+        hw = f"CPU {_cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return f"profile '{profile}' | {hw} | torch {torch.__version__}"
+
+
+def stamp_figure(fig, profile: str, device: str = "cpu") -> None:
+    """Write :func:`run_stamp` in small print at the bottom of a matplotlib figure."""
+    fig.text(0.01, 0.003, run_stamp(profile, device), fontsize=6.5, color="0.35", ha="left", va="bottom")
+
+
+# --------------------------------------------------------------------------------------------
+# Execution (papermill), nbval copies, preview (nbconvert)
+# --------------------------------------------------------------------------------------------
+
+
+def _selected(names: Sequence[str] | None, root: Path) -> list[Path]:
+    if not names:
+        return chapters(root)
+    return [chapter_path(n, root) for n in names]
+
+
+def execute_chapter(path: Path, profile: str, out_path: Path, root: Path | None = None, log=print) -> float:
+    """Execute one chapter with papermill and ``profile``'s parameters; returns the seconds.
+
+    Kernel :data:`KERNEL`, working directory ``chapters/``. The result is written to a
+    temporary file next to ``out_path`` and moved into place only on success, so a failing
+    run never replaces a committed notebook; the failed notebook is kept under
+    ``.nbrun/<profile>/failed/`` for inspection and the papermill error is re-raised.
+    """
+    import papermill as pm
+
+    root = root or repo_root()
+    params = load_params(profile, path, root)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.stem}.", suffix=".ipynb", dir=out_path.parent)
+    os.close(fd)
+    t0 = time.perf_counter()
+    try:
+        pm.execute_notebook(
+            str(path),
+            tmp,
+            parameters=params,
+            kernel_name=KERNEL,
+            cwd=str(root / "chapters"),
+            progress_bar=False,
+            log_output=False,
+        )
+    except BaseException:
+        failed = root / NBRUN / profile / "failed" / path.name
+        failed.parent.mkdir(parents=True, exist_ok=True)
+        if Path(tmp).exists():
+            os.replace(tmp, failed)
+            log(f"    the failed notebook is kept in {failed.relative_to(root)}")
+        raise
+    os.replace(tmp, out_path)
+    return time.perf_counter() - t0
+
+
+def prepare(profile: str, out_dir: str | os.PathLike, chapters_: Sequence[str] | None = None,
+            root: Path | None = None) -> list[Path]:
+    """Papermill ``prepare_only`` copies of the chapters into ``out_dir`` (for nbval).
+
+    The parameters of ``profile`` are injected (an ``injected-parameters`` cell after the
+    ``parameters`` cell); the stored outputs are kept, so ``pytest --nbval-lax`` executes
+    each copy and compares the cells tagged ``nbval-check-output`` with the committed run.
+    """
+    import papermill as pm
+
+    _check_profile(profile)
+    root = root or repo_root()
+    out = Path(out_dir)
+    out = out if out.is_absolute() else root / out
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in _selected(chapters_, root):
+        target = out / path.name
+        pm.execute_notebook(
+            str(path), str(target), parameters=load_params(profile, path, root), kernel_name=KERNEL,
+            prepare_only=True, progress_bar=False,
+        )
+        written.append(target)
+    return written
+
+
+def _front_matter(nb: dict) -> dict:
+    cells = nb.get("cells", [])
+    if not cells or cells[0].get("cell_type") != "raw":
+        return {}
+    text = _source(cells[0]).strip()
+    m = re.match(r"^---\s*\n(.*?)\n---\s*$", text, re.S)
+    if not m:
+        return {}
+    data = yaml.safe_load(m.group(1))
+    return data if isinstance(data, dict) else {}
+
+
+_OPT = re.compile(r"^#\|\s*([\w-]+)\s*:\s*(.*?)\s*$")
+
+
+def cell_options(cell: dict) -> dict[str, str]:
+    """Quarto's ``#| key: value`` cell options at the top of a code cell."""
+    opts = {}
+    for line in _source(cell).splitlines():
+        m = _OPT.match(line)
+        if not m:
+            break
+        opts[m.group(1)] = m.group(2).strip().strip("\"'")
+    return opts
+
+
+def _preview_nb(nb: dict) -> dict:
+    """A copy of ``nb`` prepared for nbconvert: title heading, Quarto options applied."""
+    import copy
+
+    nb = copy.deepcopy(nb)
+    fm = _front_matter(nb)
+    cells = []
+    for cell in nb["cells"][1:] if fm else nb["cells"]:
+        tags = set(_tags(cell))
+        caption = None
+        if cell.get("cell_type") == "code":
+            opts = cell_options(cell)
+            if opts.get("include") == "false":
+                continue
+            if opts.get("echo") == "false":
+                tags.add("remove-input")
+            if opts.get("output") == "false":
+                tags.add("remove-output")
+            lines = _source(cell).splitlines()
+            while lines and _OPT.match(lines[0]):
+                lines.pop(0)
+            cell["source"] = "\n".join(lines)
+            cap = opts.get("fig-cap") or opts.get("tbl-cap")
+            if cap:
+                label = opts.get("label", "")
+                caption = f"**{label}**: {cap}" if label else cap
+        elif cell.get("cell_type") == "markdown":
+            src = re.sub(r"^:::\s*\{#(prp-[\w-]+)[^}]*\}\s*$", r"> **Proposition** (`\1`)", _source(cell), flags=re.M)
+            src = re.sub(r"^:::\s*\{\.(callout-\w+)[^}]*\}\s*$", r"> **\1**", src, flags=re.M)
+            src = re.sub(r"^:::\s*$", "", src, flags=re.M)
+            cell["source"] = src
+        cell.setdefault("metadata", {})["tags"] = sorted(tags)
+        cells.append(cell)
+        if caption:
+            cells.append({"cell_type": "markdown", "metadata": {}, "source": caption})
+    title = fm.get("title")
+    if title:
+        cells.insert(0, {"cell_type": "markdown", "metadata": {}, "source": f"# {title}"})
+    nb["cells"] = cells
+    return nb
+
+
+def preview(out_dir: str | os.PathLike = ".preview", chapters_: Sequence[str] | None = None,
+            root: Path | None = None) -> list[Path]:
+    """Render the executed chapters to HTML with nbconvert (no Quarto needed).
+
+    Cells tagged ``remove-cell`` / with ``#| include: false`` are dropped, ``remove-input`` /
+    ``hide-input`` / ``#| echo: false`` show only their output, ``remove-output`` / ``#|
+    output: false`` only their input; ``#|`` option lines are not shown and captions are
+    printed under their figure or table. Writes ``<out_dir>/<chapter>.html`` and an
+    ``index.html`` linking them; figure links resolve against the repository's ``figures/``.
+    """
+    import nbformat
+    from nbconvert import HTMLExporter
+    from nbconvert.preprocessors import TagRemovePreprocessor
+    from traitlets.config import Config
+
+    root = root or repo_root()
+    out = Path(out_dir)
+    out = out if out.is_absolute() else root / out
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = Config()
+    cfg.TagRemovePreprocessor.enabled = True
+    cfg.TagRemovePreprocessor.remove_cell_tags = {"remove-cell"}
+    cfg.TagRemovePreprocessor.remove_input_tags = {"remove-input", "hide-input"}
+    cfg.TagRemovePreprocessor.remove_all_outputs_tags = {"remove-output"}
+    exporter = HTMLExporter(config=cfg)
+    exporter.register_preprocessor(TagRemovePreprocessor(config=cfg), enabled=True)
+    written, links = [], []
+    for path in _selected(chapters_, root):
+        raw = _read_nb(path)
+        title = _front_matter(raw).get("title", path.stem)
+        nb = nbformat.from_dict(_preview_nb(raw))
+        body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}})
+        target = out / f"{path.stem}.html"
+        _atomic_write(target, lambda tmp, body=body: Path(tmp).write_text(body, encoding="utf-8"))
+        written.append(target)
+        links.append(f'<li><a href="{target.name}">{title}</a></li>')
+    index = out / "index.html"
+    html = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>bkfac book preview</title></head><body>"
+        "<h1>Brand New K-FACs, reproduced (preview)</h1>"
+        "<p>Executed chapters rendered with nbconvert. The full book (cross-references, citations) "
+        "is rendered by <code>quarto render</code>.</p><ol>" + "".join(links) + "</ol></body></html>"
+    )
+    _atomic_write(index, lambda tmp: Path(tmp).write_text(html, encoding="utf-8"))
+    return written + [index]
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def add_reproduce_args(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``bkfac reproduce``."""
+    parser.add_argument("--profile", default="cpu", help=f"run profile, one of {', '.join(PROFILES)} (default: cpu)")
+    parser.add_argument("--chapters", nargs="+", metavar="CHAPTER", default=None,
+                        help="only these chapters (file stems, e.g. 03-brand-kfacs); default: all, in book order")
+    parser.add_argument("--list", action="store_true", help="list the chapters and their parameters, run nothing")
+
+
+def run_reproduce(args: argparse.Namespace) -> int:
+    """Execute the chapters for ``args.profile``; one progress line per chapter with timing.
+
+    ``cpu``/``paper``: in place (the notebook, ``figures/``, ``tables/``, ``data/`` are
+    replaced on success); ``smoke``: into ``.nbrun/smoke/``. Returns 0 when every chapter ran,
+    1 when any failed (the others still run).
+    """
+    _check_profile(args.profile)
+    root = repo_root()
+    selected = _selected(args.chapters, root)
+    if getattr(args, "list", False):
+        for path in selected:
+            print(f"{path.relative_to(root)}: {load_params(args.profile, path, root)}")
+        return 0
+    # validate everything before running anything
+    for path in selected:
+        load_params(args.profile, path, root)
+    in_place = args.profile in IN_PLACE_PROFILES
+    where = "in place" if in_place else f"into {NBRUN}/{args.profile}/"
+    print(f"bkfac reproduce: profile '{args.profile}', {len(selected)} chapter(s), executed {where}", flush=True)
+    failures, total = [], 0.0
+    for i, path in enumerate(selected, 1):
+        out = path if in_place else root / NBRUN / args.profile / path.name
+        print(f"[{i}/{len(selected)}] {path.stem} ...", end=" ", flush=True)
+        t0 = time.perf_counter()
+        try:
+            secs = execute_chapter(path, args.profile, out, root, log=print)
+        except Exception as exc:  # papermill's execution error, a kernel death, ...
+            secs = time.perf_counter() - t0
+            first = str(exc).strip().splitlines()
+            print(f"FAILED after {secs:.1f} s: {first[-1] if first else type(exc).__name__}", flush=True)
+            failures.append(path.stem)
+        else:
+            print(f"ok ({secs:.1f} s) -> {out.relative_to(root)}", flush=True)
+        total += time.perf_counter() - t0
+    status = "all chapters ran" if not failures else f"FAILED: {', '.join(failures)}"
+    print(f"bkfac reproduce: {status} in {total:.1f} s", flush=True)
+    return 1 if failures else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bkfac.book {reproduce,prepare,preview,list}``."""
+    parser = argparse.ArgumentParser(prog="python -m bkfac.book", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    add_reproduce_args(sub.add_parser("reproduce", help="execute the chapters for a profile (as `bkfac reproduce`)"))
+    p = sub.add_parser("prepare", help="papermill prepare_only copies for nbval")
+    p.add_argument("--profile", default="smoke")
+    p.add_argument("--out", default=f"{NBRUN}/smoke")
+    p.add_argument("--chapters", nargs="+", default=None)
+    p = sub.add_parser("preview", help="render the executed chapters to HTML with nbconvert")
+    p.add_argument("--out", default=".preview")
+    p.add_argument("--chapters", nargs="+", default=None)
+    sub.add_parser("list", help="list the chapters in book order")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "reproduce":
+            return run_reproduce(args)
+        if args.cmd == "prepare":
+            paths = prepare(args.profile, args.out, args.chapters)
+            print(f"prepared {len(paths)} chapter(s) with profile '{args.profile}' in {args.out}")
+            return 0
+        if args.cmd == "preview":
+            paths = preview(args.out, args.chapters)
+            print(f"wrote {len(paths) - 1} chapter(s) and {paths[-1]}")
+            return 0
+        for path in chapters():
+            print(path.relative_to(repo_root()))
+        return 0
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
