@@ -16,6 +16,8 @@ gives the literal footnote (last map 1 x 32); FC0's input is the same 512 * 32 =
 Width. ``width`` scales every conv's channel count (rounded, at least 1), so FC0 has
 ``round(512 * width) * 32`` inputs: 16384 at width 1, 4096 at width 0.25 (the ``cpu``
 profile keeps FC0 at least 4096 wide so the b-update regime still holds).
+``final_pool=False`` drops the fifth pool (it follows the last conv, so the conv cost is
+unchanged): FC0 then has ``round(512 * width) * 64`` inputs, e.g. 4096 at width 0.125.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class ModifiedVGG16BN(nn.Module):
 
     ``features``: 13 blocks Conv3x3(pad 1) -> BatchNorm2d -> ReLU(inplace=True), with the
     five max-pools of VGG16 of kernel = stride (2,1) / (1,2) alternating (see the module
-    docstring; ``pools="2x1"`` for all (2,1)). Then flatten (C x 4 x 8 on 32x32 input) and
+    docstring; ``pools="2x1"`` for all (2,1); ``final_pool=False`` omits the fifth). Then flatten (C x 4 x 8 on 32x32 input) and
     the classifier ``fc0`` (Linear, 16384 -> ``fc_hidden`` at width 1) -> ReLU ->
     Dropout(``dropout``) -> ``fc1`` (Linear, ``fc_hidden`` -> ``num_classes``).
 
@@ -78,7 +80,9 @@ class ModifiedVGG16BN(nn.Module):
 
     Attributes:
         fc0, fc1: the two Linear layers (FC0 is where the paper's B-updates apply).
-        fc0_in_features: ``round(512 * width) * (H/8) * (W/4)`` for an ``HxW`` input.
+        fc0_in_features: ``round(512 * width) * (H/8) * (W/4)`` for an ``HxW`` input
+            (``* 2`` without the final pool).
+        feature_shape: ``(C, H', W')`` of the last feature map.
         pool_kernels: the kernel of each pool, in order.
     """
 
@@ -90,6 +94,7 @@ class ModifiedVGG16BN(nn.Module):
         dropout: float = 0.5,
         *,
         pools: str = "alternate",
+        final_pool: bool = True,
         input_size: tuple[int, int] = (32, 32),
         in_channels: int = 3,
     ) -> None:
@@ -107,11 +112,13 @@ class ModifiedVGG16BN(nn.Module):
         self.fc_hidden = fc_hidden
         self.num_classes = num_classes
         self.pools = pools
+        self.final_pool = bool(final_pool)
         cycle = _POOL_KERNELS[pools]
         layers: list[nn.Module] = []
         kernels: list[tuple[int, int]] = []
         c_in = in_channels
-        for v in VGG16_CFG:
+        cfg = list(VGG16_CFG) if final_pool else list(VGG16_CFG[:-1])
+        for v in cfg:
             if v == "M":
                 k = cycle[len(kernels) % len(cycle)]
                 if h % k[0] or w % k[1]:
