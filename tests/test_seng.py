@@ -390,6 +390,7 @@ def test_resume_without_checkpointed_rng_would_differ():
         (dict(col_scaling="x"), "col_scaling"),
         (dict(implicit_transpose="x"), "implicit_transpose"),
         (dict(timer="t"), "timer"),
+        (dict(steps_per_epoch=0), "steps_per_epoch"),
         (dict(lr=float("nan")), "lr"),
     ],
 )
@@ -496,7 +497,61 @@ def test_exp_lr_scheme():
     assert all(g["lr"] == pytest.approx(0.1) for g in opt2.param_groups)
 
 
+def test_per_iteration_exp_lr_matches_official_loop():
+    """With steps_per_epoch the lr of each step is the official one,
+    lr0 (1 - (epoch0 + (b + 1) / N) / decay_epoch) ** rate (epoch0 0-indexed, b 0-indexed)."""
+    model = _mlp()
+    N = 3
+    opt = _seng(model, steps_per_epoch=N, lr_decay_epoch=4, update_freq=100)
+    x, y = torch.randn(4, 6, dtype=DT), torch.randint(0, 4, (4,))
+    seen = []
+    for epoch in (1, 2):
+        opt.set_epoch(epoch)
+        for b in range(N):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            seen.append(opt.param_groups[0]["lr"])
+    official = [0.05 * (1 - (e0 + (b + 1) / N) / 4) ** 6 for e0 in (0, 1) for b in range(N)]
+    assert seen == pytest.approx(official, rel=1e-12)
+
+
 def test_timer_is_phase_timer_and_can_be_shared():
     t = PhaseTimer()
     opt = SENG(_mlp(), timer=t)
     assert opt.timer is t
+    off = SENG(_mlp(), timer=False)
+    assert isinstance(off.timer, PhaseTimer) and not off.timer.enabled
+    assert SENG(_mlp(), sync_timer=True).timer.sync
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("transpose", ["seng", "exact"])
+def test_cuda_matches_cpu(transpose):
+    """All paths (explicit, implicit with SVD truncation, sampling) give the same steps on CUDA
+    as on CPU in float64 (the column sampling draws from the optimizer's CPU generator)."""
+    def build(device):
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
+            nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+            nn.Flatten(), nn.Linear(8 * 4 * 4, 32), nn.ReLU(inplace=True), nn.Linear(32, 5),
+        ).to(device=device, dtype=DT)
+        opt = _seng(model, update_freq=2, col_sample_size=5, im_size_threshold=400, svd_rank=3,
+                    seed=4, steps_per_epoch=4, implicit_transpose=transpose)
+        return model, opt
+
+    gen = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(10, 3, 8, 8, generator=gen, dtype=DT), torch.randint(0, 5, (10,), generator=gen))
+               for _ in range(5)]
+    results = []
+    for device in ("cpu", "cuda"):
+        model, opt = build(device)
+        assert [opt._by_name[n].implicit for n in opt.layer_names] == [False, True, True, False]
+        for x, y in batches:
+            opt.zero_grad()
+            F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            opt.step()
+        results.append([p.detach().cpu() for p in model.parameters()])
+    for pc, pg in zip(*results):
+        torch.testing.assert_close(pg, pc, rtol=0, atol=1e-8)
