@@ -11,7 +11,7 @@ import pytest
 from bkfac import bench
 from bkfac.bench import apply as bench_apply_mod
 from bkfac.bench import linalg as bench_linalg_mod
-from bkfac.bench.common import format_table, loglog_slope, machine_info, time_fn, write_csv_atomic
+from bkfac.bench.common import format_table, loglog_slope, machine_info, time_fn, time_interleaved, write_csv_atomic
 from bkfac.cli import main
 
 
@@ -101,5 +101,10 @@ def test_helpers(tmp_path):
     calls = []
     t = time_fn(lambda: calls.append(1), repeats=3, warmup=1)
     assert len(t.runs) == 3 and len(calls) == 4 and t.median >= 0
+    order = []
+    ts = time_interleaved({"a": lambda: order.append("a") or "A", "b": lambda: order.append("b")}, repeats=2,
+                          keep=True)
+    assert order == ["a", "b", "a", "b", "a", "b"]  # warm-ups, then round-robin
+    assert len(ts["a"].runs) == 2 and ts["a"].result == "A"
     info = machine_info("cpu")
     assert info["cpu_cores"] >= 1 and info["torch_version"] and info["cpu_model"]

@@ -39,6 +39,12 @@ def _spectrum(r: int, g: torch.Generator) -> torch.Tensor:
     )
 
 
+# log10 of the condition number of the update block of each ill-conditioned kind:
+# "ill_conditioned" is beyond CholeskyQR2 (rank-revealing path), "moderate64" / "moderate32"
+# take the fast path with the extra projection out of span(U) in float64 / float32.
+CONDITION = {"ill_conditioned": 9.0, "moderate64": 6.5, "moderate32": 3.0}
+
+
 def _update_block(kind: str, U: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
     dim, r = U.shape
     if kind in ("generic", "r0", "n1"):
@@ -56,10 +62,10 @@ def _update_block(kind: str, U: torch.Tensor, n: int, g: torch.Generator) -> tor
         return A
     if kind == "zero":
         return torch.zeros(dim, n, dtype=DT)
-    if kind == "ill_conditioned":  # full rank, singular values from 1 down to 1e-9
+    if kind in CONDITION:  # full rank, singular values from 1 down to 10^-CONDITION[kind]
         left = torch.linalg.qr(torch.randn(dim, n, dtype=DT, generator=g)).Q
         right = torch.linalg.qr(torch.randn(n, n, dtype=DT, generator=g)).Q
-        return (left * torch.logspace(0, -9, n, dtype=DT)) @ right
+        return (left * torch.logspace(0, -CONDITION[kind], n, dtype=DT)) @ right
     raise AssertionError(kind)
 
 
@@ -78,6 +84,7 @@ SYM_CASES = [
     (10, 64, 8, 4, "zero"),
     (11, 33, 4, 1, "in_span"),
     (12, 90, 10, 12, "ill_conditioned"),
+    (13, 90, 10, 12, "moderate64"),
 ]
 
 
@@ -232,41 +239,74 @@ def test_brand_update_bad_input():
 
 
 def test_fast_path_on_generic_data_and_robust_path_otherwise(monkeypatch):
-    """Generic blocks take the CholeskyQR2 fast path; deficient or ill-conditioned ones do not.
+    """Generic blocks take the CholeskyQR2 fast path (two Cholesky-QR passes); moderately
+    ill-conditioned ones take it with a third pass after projecting out of ``span(U)`` again;
+    deficient or severely ill-conditioned ones take the rank-revealing path.
 
     (A block inside ``span(U)`` in floating point leaves a projection of pure rounding noise,
     which may be well conditioned: either path is then exact to rounding, so it is not listed.)
     """
     import bkfac.linalg.brand as brand
 
-    taken = []
-    real = brand._cholesky_qr2
+    taken, passes = [], []
+    real, real_pass = brand._cholesky_qr2, brand._cholesky_qr
 
-    def spy(P):
-        out = real(P)
+    def spy(U, P, C):
+        out = real(U, P, C)
         taken.append(out is not None)
         return out
 
+    def spy_pass(X, eye):
+        passes.append(1)
+        return real_pass(X, eye)
+
     monkeypatch.setattr(brand, "_cholesky_qr2", spy)
+    monkeypatch.setattr(brand, "_cholesky_qr", spy_pass)
     g = _gen(21)
     U = _orthonormal(100, 10, g)
     d = _spectrum(10, g)
-    for kind, fast in [("generic", True), ("rank_deficient", False), ("ill_conditioned", False)]:
+    cases = [("generic", True, 2), ("moderate64", True, 3), ("rank_deficient", False, None),
+             ("ill_conditioned", False, None)]
+    for kind, fast, n_passes in cases:
         taken.clear()
+        passes.clear()
         A = _update_block(kind, U, 8, g)
         U_new, d_new = brand_update(U, d, A)
         assert taken == [fast], kind
+        if n_passes is not None:
+            assert len(passes) == n_passes, kind
         _check_sym(U, d, A, U_new, d_new, 18)
 
 
-@pytest.mark.parametrize("kind", ["generic", "ill_conditioned", "in_span"])
-def test_brand_update_float32(kind):
-    """In float32 (what training uses) the result is exact to float32 rounding."""
+@pytest.mark.parametrize("kind,path", [("generic", "2 passes"), ("moderate32", "3 passes"),
+                                       ("ill_conditioned", "rank-revealing"), ("in_span", None)])
+def test_brand_update_float32(kind, path, monkeypatch):
+    """In float32 (what training uses) the result is exact to float32 rounding, on each path."""
+    import bkfac.linalg.brand as brand
+
+    seen = {"fast": None, "passes": 0}
+    real, real_pass = brand._cholesky_qr2, brand._cholesky_qr
+
+    def spy(U, P, C):
+        out = real(U, P, C)
+        seen["fast"] = out is not None
+        return out
+
+    def spy_pass(X, eye):
+        seen["passes"] += 1
+        return real_pass(X, eye)
+
+    monkeypatch.setattr(brand, "_cholesky_qr2", spy)
+    monkeypatch.setattr(brand, "_cholesky_qr", spy_pass)
     g = _gen(31)
     U = _orthonormal(300, 30, g)
     d = _spectrum(30, g)
     A = _update_block(kind, U, 20, g)
     U_new, d_new = brand_update(U.float(), d.float(), A.float())
+    if path == "rank-revealing":
+        assert seen["fast"] is False
+    elif path is not None:
+        assert seen["fast"] is True and f"{seen['passes']} passes" == path
     assert U_new.dtype == torch.float32
     assert float((U_new.mT @ U_new - torch.eye(50)).abs().max()) <= 1e-5
     X = (U * d) @ U.mT + A @ A.mT

@@ -75,6 +75,9 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated factor dimensions for linalg / d_A values for apply "
                         "(default linalg 1024,2048,4096,8192,16385; DESIGN's scaling range is 2048..32768)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="torch CPU threads (default: torch's choice); 1 gives steadier numbers on a "
+                        "shared, oversubscribed machine")
     parser.add_argument("--no-figure", action="store_true", help="do not write the matplotlib figure")
 
 

@@ -37,7 +37,8 @@ from .common import (
     resolve_device,
     resolve_dtype,
     save_figure_atomic,
-    time_fn,
+    set_threads,
+    time_interleaved,
     verdict,
     write_csv_atomic,
 )
@@ -50,7 +51,7 @@ QUICK = {"dims": [65, 130, 260], "d_G": 48, "n": 12, "r": 8}
 METHODS = ("alg8", "lowrank", "dense")
 LABELS = {"alg8": "Alg. 8", "lowrank": "standard low-rank", "dense": "dense inverses"}
 ROW_COLUMNS = ["d_A", "d_G", "n", "r", "method", "precondition_s", "total_s", "precondition_ratio_to_alg8",
-               "total_ratio_to_alg8", "runs", "rel_diff_vs_lowrank", "peak_bytes", "dtype", "device"]
+               "total_ratio_to_alg8", "runs", "rel_diff_vs_lowrank", "peak_bytes", "dtype", "device", "threads"]
 TARGET_COLUMNS = ["target", "value", "threshold", "verdict"]
 SPEEDUP_TARGET = 5.0
 
@@ -131,11 +132,15 @@ def bench_apply(
             Ainv = _dense_inverse(UA, dA, lamA)
             Ginv = _dense_inverse(UG, dG, lamG)
             fns["dense"] = (lambda: Ginv @ J @ Ainv, lambda: Ginv @ (G @ A.mT) @ Ainv)
+        flat = {}
         for method, (pre, total) in fns.items():
-            t_pre = time_fn(pre, device=device, repeats=repeats, budget_s=budget_s)
-            t_tot = time_fn(total, device=device, repeats=repeats, budget_s=budget_s, keep=True)
+            flat[f"{method}:pre"] = pre
+            flat[f"{method}:total"] = total
+        timings = time_interleaved(flat, device=device, repeats=repeats, budget_s=budget_s, keep=True)
+        for method in fns:
+            t_pre, t_tot = timings[f"{method}:pre"], timings[f"{method}:total"]
             res[method] = (t_pre, t_tot, t_tot.result)
-            t_tot.result = None
+            t_pre.result = t_tot.result = None
             log(f"[apply]   {LABELS[method]:18s} precondition {t_pre.median:9.4f}s  total {t_tot.median:9.4f}s",
                 flush=True)
         S_ref = res["lowrank"][2]
@@ -149,9 +154,9 @@ def bench_apply(
                 "total_ratio_to_alg8": t_tot.median / res["alg8"][1].median,
                 "runs": len(t_pre.runs),
                 "rel_diff_vs_lowrank": float(torch.linalg.matrix_norm(S - S_ref)) / ref_norm,
-                "peak_bytes": peak, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+                "peak_bytes": peak, "dtype": str(dtype).replace("torch.", ""), "device": str(device), "threads": torch.get_num_threads(),
             })
-        del L, UA, dA, UG, dG, A, G, J, res, fns
+        del L, UA, dA, UG, dG, A, G, J, res, fns, flat, timings
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -200,12 +205,13 @@ def main(args: argparse.Namespace) -> int:
         dims, d_G, n, r = DEFAULT_DA, FC0["d_G"], FC0["n"], FC0["r"]
     dims = args.dims or dims
     out = Path(args.out)
+    set_threads(getattr(args, "threads", None))
     info = machine_info(device)
     print(f"bkfac bench apply  ({'quick sizes' if args.quick else 'paper FC0 sizes'})")
     print(f"machine: {info['cpu_model']}, {info['cpu_cores']} cores, torch {info['torch_version']} "
           f"({info['torch_threads']} threads), device {info['device']} [{info['device_name']}]")
     print(f"dtype: {args.dtype}{' (what training uses)' if dtype == torch.float32 else ''}; d_G={d_G}, n={n}, "
-          f"r={r}; d_A in {dims}; median of up to {args.repeats} runs")
+          f"r={r}; d_A in {dims}; median of up to {args.repeats} runs, interleaved")
     t0 = time.perf_counter()
     rows = bench_apply(dims, d_G=d_G, n=n, r=r, dtype=dtype, device=device, repeats=args.repeats,
                        seed=args.seed, budget_s=args.max_seconds)

@@ -30,6 +30,8 @@ __all__ = [
     "resolve_dtype",
     "sync",
     "time_fn",
+    "time_interleaved",
+    "set_threads",
     "tensor_bytes",
     "write_csv_atomic",
     "save_figure_atomic",
@@ -112,6 +114,66 @@ class Timing:
         return min(self.runs)
 
 
+def _run_once(fn: Callable[[], object], timing: Timing, device: torch.device, keep: bool) -> float:
+    """One run of ``fn`` (synchronised on CUDA); records CUDA peak memory, returns seconds."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    elapsed = time.perf_counter() - t0
+    if keep:
+        timing.result = out
+    del out
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device) - base
+        timing.peak_bytes = peak if math.isnan(timing.peak_bytes) else max(timing.peak_bytes, peak)
+    return elapsed
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    *,
+    device: torch.device | str = "cpu",
+    repeats: int = 3,
+    warmup: int = 1,
+    budget_s: float = 120.0,
+    slow_s: float = 2.0,
+    keep: bool = False,
+) -> dict[str, Timing]:
+    """Time several functions side by side: the runs are interleaved round-robin.
+
+    Interleaving makes the *ratios* between the functions robust to a machine whose load
+    drifts while the benchmark runs (a shared machine): every round runs each function once.
+    Per function: ``warmup`` discarded runs, except that a run slower than ``slow_s`` makes
+    warm-up effects negligible and is kept as a sample; then up to ``repeats`` samples,
+    stopping early once its samples total ``budget_s`` (at least one run is always made).
+    On CUDA every run is bracketed by ``torch.cuda.synchronize`` and the peak memory
+    allocated on top of what was live before the run is recorded. With ``keep=True`` each
+    function's last return value is kept in ``Timing.result``.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    device = torch.device(device)
+    timings = {name: Timing() for name in fns}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            elapsed = _run_once(fn, timings[name], device, keep)
+            if elapsed >= slow_s:
+                timings[name].runs.append(elapsed)
+                break
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = timings[name]
+            if len(t.runs) >= repeats or (t.runs and sum(t.runs) >= budget_s):
+                continue
+            t.runs.append(_run_once(fn, t, device, keep))
+    return timings
+
+
 def time_fn(
     fn: Callable[[], object],
     *,
@@ -122,46 +184,22 @@ def time_fn(
     slow_s: float = 2.0,
     keep: bool = False,
 ) -> Timing:
-    """Median-of-``repeats`` wall time of ``fn()`` after ``warmup`` discarded runs.
+    """Median-of-``repeats`` wall time of one function (see :func:`time_interleaved`)."""
+    return time_interleaved({"fn": fn}, device=device, repeats=repeats, warmup=warmup, budget_s=budget_s,
+                            slow_s=slow_s, keep=keep)["fn"]
 
-    A run slower than ``slow_s`` makes warm-up effects negligible, so the first such run is
-    kept as a sample instead of being discarded; further runs stop once the samples total
-    ``budget_s`` (at least one run is always made). On CUDA every run is bracketed by
-    ``torch.cuda.synchronize`` and the peak memory allocated on top of what was live before
-    the run is recorded. With ``keep=True`` the last run's return value is kept in
-    ``Timing.result`` (so a slow function need not be called once more for its output).
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's intra-op CPU threads (``None``: leave the default); return the count in use.
+
+    On a shared, oversubscribed machine one thread can be many times faster for LAPACK
+    calls (eigh, QR, SVD) than two threads that wait on each other.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    timing = Timing()
-
-    def one() -> float:
-        if cuda:
-            torch.cuda.synchronize(device)
-            base = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        elapsed = time.perf_counter() - t0
-        if keep:
-            timing.result = out
-        del out
-        if cuda:
-            peak = torch.cuda.max_memory_allocated(device) - base
-            timing.peak_bytes = peak if math.isnan(timing.peak_bytes) else max(timing.peak_bytes, peak)
-        return elapsed
-
-    for _ in range(warmup):
-        elapsed = one()
-        if elapsed >= slow_s:
-            timing.runs.append(elapsed)
-            break
-    while len(timing.runs) < repeats and (not timing.runs or sum(timing.runs) < budget_s):
-        timing.runs.append(one())
-    return timing
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 def tensor_bytes(*tensors: torch.Tensor) -> int:

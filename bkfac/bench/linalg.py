@@ -46,8 +46,9 @@ from .common import (
     resolve_device,
     resolve_dtype,
     save_figure_atomic,
+    set_threads,
     tensor_bytes,
-    time_fn,
+    time_interleaved,
     verdict,
     write_csv_atomic,
 )
@@ -63,7 +64,7 @@ QUICK = {"dims": [96, 192, 384], "n": 16, "r": 12, "oversample": 4, "power_iters
 METHODS = ("bupdate", "rsvd", "srevd", "eigh")
 LABELS = {"bupdate": "B-update", "rsvd": "RSVD", "srevd": "SREVD", "eigh": "eigh"}
 ROW_COLUMNS = ["dim", "method", "seconds", "min_seconds", "runs", "ratio_to_bupdate", "state_bytes",
-               "peak_bytes", "top_eig_rel_diff", "n", "r", "q", "power_iters", "dtype", "device"]
+               "peak_bytes", "top_eig_rel_diff", "n", "r", "q", "power_iters", "dtype", "device", "threads"]
 SLOPE_COLUMNS = ["method", "slope", "dim_min", "dim_max", "points"]
 TARGET_COLUMNS = ["target", "value", "threshold", "verdict"]
 SPEEDUP_TARGET = 40.0
@@ -167,11 +168,11 @@ def bench_linalg(
             "srevd": lambda: srevd(M, r, oversample, power_iters),
             "eigh": lambda: safe_eigh(M),
         }
+        if dim > eigh_max_dim:
+            del fns["eigh"]
+        timings = time_interleaved(fns, device=device, repeats=repeats, budget_s=budget_s, keep=True)
         results = {}
-        for method in METHODS:
-            if method == "eigh" and dim > eigh_max_dim:
-                continue
-            timing = time_fn(fns[method], device=device, repeats=repeats, budget_s=budget_s, keep=True)
+        for method, timing in timings.items():
             if method == "eigh":  # (evals, evecs) ascending -> (U, d) descending
                 do, Uo = timing.result
                 Uo, do = Uo.flip(1), do.flip(0)
@@ -190,9 +191,9 @@ def bench_linalg(
                 "runs": len(timing.runs), "ratio_to_bupdate": timing.median / base, "state_bytes": state,
                 "peak_bytes": timing.peak_bytes, "top_eig_rel_diff": _top_diff(do, ref), "n": n, "r": r,
                 "q": q if method in ("rsvd", "srevd") else "", "power_iters": power_iters if method in ("rsvd", "srevd") else "",
-                "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+                "dtype": str(dtype).replace("torch.", ""), "device": str(device), "threads": torch.get_num_threads(),
             })
-        del prob, M, U, d, A, results, fns
+        del prob, M, U, d, A, results, fns, timings
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -274,13 +275,14 @@ def main(args: argparse.Namespace) -> int:
                                            "power_iters": 4, "ea_steps": 4}
     dims = args.dims or cfg["dims"]
     out = Path(args.out)
+    set_threads(getattr(args, "threads", None))
     info = machine_info(device)
     print(f"bkfac bench linalg  ({'quick sizes' if args.quick else 'paper sizes'})")
     print(f"machine: {info['cpu_model']}, {info['cpu_cores']} cores, torch {info['torch_version']} "
           f"({info['torch_threads']} threads), device {info['device']} [{info['device_name']}]")
     print(f"dtype: {args.dtype}{' (what training uses)' if dtype == torch.float32 else ''}; n={cfg['n']}, "
           f"r={cfg['r']}, q=r+{cfg['oversample']}, power iterations {cfg['power_iters']}, rho 0.95, "
-          f"eigh for dim <= 8192; median of up to {args.repeats} runs")
+          f"eigh for dim <= 8192; median of up to {args.repeats} runs, interleaved")
     rows = bench_linalg(dims, n=cfg["n"], r=cfg["r"], oversample=cfg["oversample"], power_iters=cfg["power_iters"],
                         dtype=dtype, device=device, repeats=args.repeats, eigh_max_dim=8192,
                         ea_steps=cfg["ea_steps"], seed=args.seed, budget_s=args.max_seconds)

@@ -66,45 +66,72 @@ def _complete_basis(B: Tensor, k: int) -> Tensor:
     return out
 
 
-def _fast_path_ratio(dtype: torch.dtype) -> float:
-    """Smallest ``min|R_ii| / max|R_ii|`` the Cholesky-QR fast path accepts: ``eps^(1/3)``.
+def _fast_path_limits(dtype: torch.dtype) -> tuple[float, float]:
+    """Thresholds on ``rho = min|R_ii| / max|R_ii|`` (``1/rho`` estimates ``cond(P)``).
 
-    The columns of ``Q`` are orthogonal to ``U`` up to about ``eps * cond(P)``; with
-    ``cond(P) <~ eps^(-1/3)`` that is ``eps^(2/3)`` (4e-11 in float64, 2e-5 in float32), and
-    CholeskyQR2 is accurate far beyond it (up to ``cond ~ eps^(-1/2)``).
+    * ``rho > 4 sqrt(eps)``: CholeskyQR2 is accurate (its limit is ``cond ~ eps^(-1/2)``);
+      below, the rank-revealing path is taken.
+    * ``rho < eps^(1/4)`` (and ``r > 0``): the columns of ``Q`` are orthogonal to ``U`` only up
+      to about ``eps * cond(P)``, so ``Q`` is projected out of ``U`` once more. Above it
+      ``cond(P)`` is at most a few times ``eps^(-1/4)`` (``1/rho`` underestimates it by a
+      small factor), so the loss is a few ``eps^(3/4)`` (1e-12 in float64, 1e-6 in float32)
+      and is left alone.
     """
-    return float(torch.finfo(dtype).eps) ** (1.0 / 3.0)
+    eps = float(torch.finfo(dtype).eps)
+    return 4.0 * eps**0.5, eps**0.25
 
 
-def _cholesky_qr2(P: Tensor) -> tuple[Tensor, Tensor] | None:
-    """CholeskyQR2 (Fukaya et al. 2014): ``P = Q R`` from two Cholesky factorisations.
+def _cholesky_qr(X: Tensor, eye: Tensor) -> tuple[Tensor, Tensor] | None:
+    """One CholeskyQR pass ``X = Q R``; ``None`` when the Cholesky factorisation breaks down."""
+    L, info = torch.linalg.cholesky_ex(X.mT @ X)
+    if int(info) != 0:
+        return None
+    R = L.mT
+    # Q = X R^{-1}: explicit inverse of the small triangle, then one GEMM
+    return X @ torch.linalg.solve_triangular(R, eye, upper=True), R
+
+
+def _cholesky_qr2(U: Tensor, P: Tensor, C: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Fast path of :func:`orthonormal_extension`: CholeskyQR2 (Fukaya et al. 2014) of ``P``.
 
     Hand-written because it is several times faster than Householder QR for the tall block
-    ``P`` (dim x n, dim >> n): two Gram matrices and two matrix products, all level-3 BLAS.
-    Returns ``None`` when ``P`` is too ill-conditioned for it (a Cholesky breaks down, the
-    diagonal of ``R`` spans more than :func:`_fast_path_ratio`, or the first pass leaves
-    ``Q1^T Q1`` far from the identity); the caller then takes the rank-revealing route.
+    ``P`` (dim x n, dim >> n): Gram matrices and matrix products only, all level-3 BLAS.
+    ``P = Q1 R1`` then ``Q1 = Q R2`` (the second pass restores orthonormality), ``R = R2 R1``;
+    for moderately ill-conditioned ``P`` one more projection of ``Q`` out of ``span(U)`` (see
+    :func:`_fast_path_limits`) with ``C`` and ``R`` adjusted so that ``A = U C + Q R`` still
+    holds. Returns ``(C, Q, R)``, or ``None`` when ``P`` is too ill-conditioned (a Cholesky
+    breaks down, ``rho`` is below the limit, or the first pass leaves ``Q1^T Q1`` more than
+    0.1 from the identity); the caller then takes the rank-revealing path.
     """
     n = P.shape[1]
     eye = torch.eye(n, dtype=P.dtype, device=P.device)
-    L1, info = torch.linalg.cholesky_ex(P.mT @ P)
-    if int(info) != 0:
+    accept, clean = _fast_path_limits(P.dtype)
+    first = _cholesky_qr(P, eye)
+    if first is None:
         return None
-    diag = L1.diagonal()
-    if not float(diag.min()) > _fast_path_ratio(P.dtype) * float(diag.max()):
+    Q1, R1 = first
+    diag = R1.diagonal()
+    ratio = float(diag.min()) / float(diag.max())
+    if not ratio > accept:
         return None
-    # Q1 = P R1^{-1} with R1 = L1^T: explicit inverse of the small triangle, then one GEMM
-    R1inv = torch.linalg.solve_triangular(L1.mT, eye, upper=True)
-    Q1 = P @ R1inv
     G2 = Q1.mT @ Q1
     if float((G2 - eye).abs().max()) > 0.1:
         return None
-    L2, info = torch.linalg.cholesky_ex(G2)
-    if int(info) != 0:  # pragma: no cover - G2 is within 0.1 of the identity
+    second = _cholesky_qr(Q1, eye)
+    if second is None:  # pragma: no cover - Q1^T Q1 is within 0.1 of the identity
         return None
-    R2 = L2.mT
-    Q = Q1 @ torch.linalg.solve_triangular(R2, eye, upper=True)
-    return Q, R2 @ L1.mT
+    Q, R2 = second
+    R = R2 @ R1
+    if ratio < clean and U.shape[1] > 0:
+        # A = U C + Q R with Q = Qp + U W, Qp = Q3 R3  =>  A = U (C + W R) + Q3 (R3 R)
+        W = U.mT @ Q
+        third = _cholesky_qr(torch.addmm(Q, U, W, alpha=-1.0), eye)
+        if third is None:  # pragma: no cover - Q - U W is orthonormal up to eps * cond(P)
+            return None
+        Q, R3 = third
+        C = torch.addmm(C, W, R)
+        R = R3 @ R
+    return C, Q, R
 
 
 def orthonormal_extension(U: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -116,7 +143,7 @@ def orthonormal_extension(U: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]
     The projected block ``P = (I - U U^T) A`` is computed with two Gram-Schmidt passes
     ("twice is enough"). The fast path factors ``P = Q R`` by CholeskyQR2 when ``P`` is
     well conditioned (the generic case of a batch of activations or gradients, see
-    :func:`_fast_path_ratio`); this is the QR of Alg. 3 line 4. Otherwise (rank-deficient
+    :func:`_fast_path_limits`); this is the QR of Alg. 3 line 4. Otherwise (rank-deficient
     ``A``, columns inside ``span(U)``, or just ill conditioned) the rank-revealing path uses
     a thin SVD ``P = Y S Z^T``: directions with non-negligible singular value are projected
     out of ``U`` once more and re-orthonormalised (so they are orthogonal to ``U`` to working
@@ -133,10 +160,9 @@ def orthonormal_extension(U: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]
     C = C + C2
     if n == 0:
         return C, A.new_zeros(dim, 0), A.new_zeros(0, 0)
-    fast = _cholesky_qr2(P)
+    fast = _cholesky_qr2(U, P, C)
     if fast is not None:
-        Q, R = fast
-        return C, Q, R
+        return fast
     # Rank-revealing path.
     Y, S, Zh = torch.linalg.svd(P, full_matrices=False)
     W = U.mT @ Y
