@@ -1,0 +1,119 @@
+"""The training harness and ``bkfac train``: every optimizer runs on the smoke profile and writes its
+results; an interrupted run resumes to the same numbers; bad input gives clear errors.
+
+These tests use a small synthetic CIFAR-shaped data set (monkeypatched loader) so they do not
+need the real images; ``tests/test_data.py`` covers reading the real ones.
+"""
+
+import json
+
+import pytest
+import torch
+
+import bkfac.experiments.train as train_mod
+from bkfac.cli import main
+from bkfac.experiments.data import CIFAR10_CLASSES, CIFAR10Arrays
+from bkfac.experiments.profiles import load_profile
+from bkfac.experiments.results import read_csv
+
+
+def synthetic_cifar(n_train=640, n_test=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ytr = torch.arange(n_train) % 10
+    yte = torch.arange(n_test) % 10
+    xtr = torch.randint(0, 256, (n_train, 3, 32, 32), generator=g, dtype=torch.uint8)
+    xte = torch.randint(0, 256, (n_test, 3, 32, 32), generator=g, dtype=torch.uint8)
+    # a learnable signal: a bright class-dependent patch
+    for x, y in ((xtr, ytr), (xte, yte)):
+        for c in range(10):
+            x[y == c, c % 3, 4 * (c // 3) : 4 * (c // 3) + 4, :6] = 255
+    return CIFAR10Arrays(xtr, ytr, xte, yte, CIFAR10_CLASSES, source="synthetic")
+
+
+@pytest.fixture
+def fake_data(monkeypatch):
+    data = synthetic_cifar()
+    monkeypatch.setattr(train_mod, "load_cifar10", lambda data_dir=None, **kw: data)
+    return data
+
+
+RUNS = ["sgd", "seng", "k-fac", "r-kfac", "r-kfac-tinv25", "sre-kfac", "b-kfac", "b-kfac-c", "b-r-kfac"]
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_every_optimizer_trains_on_smoke_and_writes_results(run, fake_data, tmp_path):
+    rc = main(["train", "--profile", "smoke", "--optimizer", run, "--out", str(tmp_path), "--quiet"])
+    assert rc == 0
+    out = tmp_path / "smoke" / run / "seed0"
+    hist = read_csv(out / "history.csv")
+    assert [int(h["epoch"]) for h in hist] == [1, 2]
+    for h in hist:
+        assert 0.0 <= float(h["test_acc"]) <= 1.0 and float(h["epoch_seconds"]) > 0
+        assert float(h["t_forward_backward"]) > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["run"] == run and summary["epochs_run"] == 2
+    assert "time_to_15" in summary and "epochs_to_20" in summary
+    assert (out / "checkpoint.pt").exists()
+
+
+def test_resume_after_interruption_gives_the_same_numbers(fake_data, tmp_path):
+    profile = load_profile("smoke")
+    full = train_mod.train_run(profile, "b-kfac", out_root=str(tmp_path / "a"), progress=False)
+    # interrupted in the middle of the last epoch, then resumed from the last checkpoint
+    part = train_mod.train_run(profile, "b-kfac", out_root=str(tmp_path / "b"), progress=False, stop_after_batches=4)
+    assert part.summary == {"interrupted": True}
+    assert len(read_csv(tmp_path / "b" / "smoke" / "b-kfac" / "seed0" / "history.csv")) == 1
+    resumed = train_mod.train_run(profile, "b-kfac", out_root=str(tmp_path / "b"), progress=False, resume=True)
+    keys = ("test_acc", "test_loss", "train_loss")
+    assert [[h[k] for k in keys] for h in resumed.history] == [[h[k] for k in keys] for h in full.history]
+
+
+def test_summary_times_to_targets():
+    hist = [dict(epoch=1, test_acc=0.5, epoch_seconds=10.0, train_seconds=10.0),
+            dict(epoch=2, test_acc=0.8, epoch_seconds=12.0, train_seconds=22.0)]
+    s = train_mod.summarize(hist, [0.5, 0.75, 0.9])
+    assert s["time_to_50"] == 10.0 and s["epochs_to_75"] == 2 and s["time_to_90"] is None
+    assert s["t_epoch_mean"] == 11.0
+
+
+def test_clear_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BKFAC_DATA_DIR", str(tmp_path / "nowhere"))
+    # missing data: says where it looked and how to provide the data
+    assert main(["train", "--profile", "smoke", "--optimizer", "sgd", "--out", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "BKFAC_DATA_DIR" in err
+    # unknown optimizer
+    assert main(["train", "--profile", "smoke", "--optimizer", "adam", "--out", str(tmp_path)]) == 2
+    assert "unknown run/optimizer 'adam'" in capsys.readouterr().err
+    # unknown profile
+    assert main(["train", "--profile", "gpu-huge"]) == 2
+    assert "unknown profile 'gpu-huge'" in capsys.readouterr().err
+    # a device that does not exist
+    with pytest.raises(ValueError, match="does not exist|not available"):
+        train_mod.resolve_device("cuda:7")
+    with pytest.raises(ValueError, match="unsupported device|invalid device"):
+        train_mod.resolve_device("tpu")
+
+
+def test_profile_validation(tmp_path):
+    import yaml
+
+    from bkfac.experiments.profiles import PROFILE_DIR
+
+    raw = yaml.safe_load((PROFILE_DIR / "smoke.yaml").read_text())
+    for mutate, match in [
+        (lambda r: r["train"].update(epochz=3), r"unknown key\(s\) \['epochz'\] in profile"),
+        (lambda r: r["kfac"].update(rho=1.5), "rho must lie in the open interval"),
+        (lambda r: r["kfac"].update(t_brandd=3), "unknown hyper-parameter 't_brandd'"),
+        (lambda r: r["model"].update(widht=2), r"unknown model parameter\(s\) \['widht'\]"),
+        (lambda r: r["train"].update(targets=[93]), "train.targets must be accuracies"),
+        (lambda r: r["runs"].update(bad={"optimizer": "adam"}), "unknown optimizer 'adam'"),
+    ]:
+        bad = yaml.safe_load(yaml.safe_dump(raw))
+        mutate(bad)
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(bad))
+        with pytest.raises(ValueError, match=match):
+            load_profile(str(path))
+    for name in ("smoke", "cpu", "paper"):
+        assert load_profile(name).name == name
