@@ -115,7 +115,10 @@ class KFACFamily(torch.optim.Optimizer):
     spectrum_continuation: Sec. 3.5 (default on).  linear_time: use Alg. 8 where exact.
     policy: ``'mixed'`` (Sec. 3.5, default) or ``'all'`` (B-updates for every factor with
         d > r, for studies).  min_damping: absolute floor of lambda.
-    seed: seed of the optimizer's own generator (RSVD sketches, correction columns).
+    seed: seed of the optimizer's generators (RSVD sketches, correction columns). Each factor
+        has its own generator, seeded from ``(seed, layer index, 'A'|'G')``, so its sketches do
+        not depend on the order in which, or the process on which, the factors are updated
+        (data-parallel runs give the same result on any world size).
     factor_dtype: dtype of the K-factor state (default: the parameters' dtype).
     params: optional ``torch.optim``-style parameter groups (default: all of ``model``).
     exclude: module types to leave to SGD even if supported.
@@ -231,6 +234,9 @@ class KFACFamily(torch.optim.Optimizer):
         self.epoch = 1
         self.timer = PhaseTimer(enabled=timer, sync=sync_timer)
         self._initialized = False
+        bind = getattr(self.comm, "bind", None)
+        if bind is not None:  # e.g. the torch.distributed comm checks hyper-parameters across ranks
+            bind(self)
 
     # -- method policy (Sec. 3.5) ----------------------------------------------------------------
     def _validate_method_kw(self) -> None:
@@ -264,8 +270,16 @@ class KFACFamily(torch.optim.Optimizer):
             return low
         return EighInverse
 
-    def _make_inverse(self, cls, dim: int) -> FactorInverse:
-        kw = dict(rho=self.rho, t_updt=self.t_updt, dtype=self.factor_dtype, generator=self.generator)
+    def _factor_generator(self, index: int, fac: str) -> torch.Generator:
+        """The generator of factor ``fac`` of the ``index``-th layer (model order), seeded from
+        ``(seed, index, fac)`` -- independent of layer names (a DDP wrapper prefixes them)."""
+        g = torch.Generator()
+        g.manual_seed((self.seed * 1_000_003 + 2 * index + (fac == "G")) % (2**63 - 1))
+        return g
+
+    def _make_inverse(self, cls, dim: int, index: int = 0, fac: str = "A") -> FactorInverse:
+        kw = dict(rho=self.rho, t_updt=self.t_updt, dtype=self.factor_dtype,
+                  generator=self._factor_generator(index, fac))
         if cls is EighInverse:
             inv = cls(dim, t_inv=self.t_inv, **kw)
         elif cls in (RSVDInverse, SREVDInverse):
@@ -278,7 +292,7 @@ class KFACFamily(torch.optim.Optimizer):
         return inv
 
     def _init_layers(self) -> None:
-        for L in self.layers:
+        for i, L in enumerate(self.layers):
             lc = L.capture
             if lc.inputs is None:
                 continue
@@ -287,8 +301,8 @@ class KFACFamily(torch.optim.Optimizer):
             local = round(lc_positions(lc) * lc.grad_outputs.shape[0])
             n_M = local * self.comm.world_size  # the global batch's columns (Sec. 3.5 policy)
             L.n_M = n_M
-            L.inv_A = self._make_inverse(self._choose(lc.d_A, n_M), lc.d_A)
-            L.inv_G = self._make_inverse(self._choose(lc.d_G, n_M), lc.d_G)
+            L.inv_A = self._make_inverse(self._choose(lc.d_A, n_M), lc.d_A, i, "A")
+            L.inv_G = self._make_inverse(self._choose(lc.d_G, n_M), lc.d_G, i, "G")
             L.linear_time = self.linear_time and isinstance(L.inv_A, BrandInverse)
         self._initialized = True
 
@@ -509,6 +523,8 @@ class KFACFamily(torch.optim.Optimizer):
                     "n_M": L.n_M,
                     "A": None if L.inv_A is None else (L.inv_A.method, L.inv_A.state_dict()),
                     "G": None if L.inv_G is None else (L.inv_G.method, L.inv_G.state_dict()),
+                    "generators": {fac: inv.generator.get_state()
+                                   for fac, inv in (("A", L.inv_A), ("G", L.inv_G)) if inv is not None},
                 }
                 for L in self.layers
             },
@@ -526,6 +542,7 @@ class KFACFamily(torch.optim.Optimizer):
         self.steps, self.epoch = kfac["steps"], kfac["epoch"]
         self.generator.set_state(kfac["generator"])
         by_name = {L.capture.name: L for L in self.layers}
+        index_of = {L.capture.name: i for i, L in enumerate(self.layers)}
         missing = set(by_name) ^ set(kfac["layers"])
         if missing:
             raise ValueError(f"state_dict layers do not match the model: {sorted(missing)}")
@@ -539,8 +556,10 @@ class KFACFamily(torch.optim.Optimizer):
                     continue
                 method, inv_state = st[fac]
                 dim = L.capture.d_A if fac == "A" else L.capture.d_G
-                inv = self._make_inverse(INVERSE_METHODS[method], dim)
+                inv = self._make_inverse(INVERSE_METHODS[method], dim, index_of[name], fac)
                 inv.load_state_dict(inv_state)
+                if fac in st.get("generators", {}):
+                    inv.generator.set_state(st["generators"][fac])
                 setattr(L, f"inv_{fac}", inv)
             L.linear_time = self.linear_time and isinstance(L.inv_A, BrandInverse)
         self._initialized = kfac["initialized"]
