@@ -103,7 +103,7 @@ def light_correction(
     return U[:, order], d[order]
 
 
-def spectrum_continuation(d: Tensor, lam: float | Tensor) -> tuple[Tensor, Tensor | float]:
+def spectrum_continuation(d: Tensor, lam: float | Tensor, check: bool = True) -> tuple[Tensor, Tensor | float]:
     """Spectrum continuation (Sec. 3.5): ``lambda' = lambda + min(d)``, ``d' = d - min(d)``.
 
     The ``dim - r`` eigenvalues a rank-``r`` representation sets to zero are instead taken
@@ -115,7 +115,8 @@ def spectrum_continuation(d: Tensor, lam: float | Tensor) -> tuple[Tensor, Tenso
     otherwise).
     """
     check_vector("d", d)
-    _check_damping("lam", lam, allow_zero=True)
+    if check:
+        _check_damping("lam", lam, allow_zero=True)
     if d.numel() == 0:
         return d, lam
     m = d.min()
@@ -155,14 +156,19 @@ def _apply(U: Tensor, d: Tensor, lam, X: Tensor, side: str) -> Tensor:
     return ((X @ U) * coef) @ U.mT + X / lam
 
 
-def damped_inverse_apply(U: Tensor, d: Tensor, lam, X: Tensor, side: str = "left") -> Tensor:
+def damped_inverse_apply(U: Tensor, d: Tensor, lam, X: Tensor, side: str = "left", check: bool = True) -> Tensor:
     """``(U diag(d) U^T + lam I)^{-1} X`` for ``side='left'``, ``X (...)^{-1}`` for ``'right'``.
 
     Alg. 1, lines 16-17 (one side each). ``U`` (dim x r) orthonormal, ``d`` (r,) non-negative
     (negatives within rounding are treated as 0, larger ones raise), ``lam > 0``; ``X`` is
     (dim x k) for ``'left'`` and (k x dim) for ``'right'``. ``O(dim r k)``; never forms a
-    ``dim x dim`` matrix.
+    ``dim x dim`` matrix. ``check=False`` skips the argument checks (each costs a pass over
+    ``X`` and, on CUDA, a host sync): for callers that validated their inputs already.
     """
+    if not check:  # hot path of the optimizers: inputs were validated upstream, no host syncs
+        if side not in ("left", "right"):
+            raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+        return _apply(U, d, lam, X, side)
     if side not in ("left", "right"):
         raise ValueError(f"side must be 'left' or 'right', got {side!r}")
     d = _check_rep("U", U, "d", d)
