@@ -15,6 +15,7 @@ from bkfac.experiments.models import (
     paper_model,
 )
 
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """One intra-op thread: on a shared, oversubscribed 2-core machine OpenMP's spinning
