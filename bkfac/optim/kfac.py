@@ -362,7 +362,7 @@ class KFACFamily(torch.optim.Optimizer):
         phi = _value(self.damping_phi, self.epoch)
         lam = torch.clamp(d[0] * phi, min=self.min_damping) if d.numel() else torch.tensor(self.min_damping)
         if self.continuation:
-            d, lam = spectrum_continuation(d, lam)
+            d, lam = spectrum_continuation(d, lam, check=False)
         return U, d, lam
 
     def _check_grads(self) -> None:
@@ -440,13 +440,13 @@ class KFACFamily(torch.optim.Optimizer):
                     # Algorithm 8: S = (Gamma^-1 G_k)(A^-1 A_k)^T * scale, never forming Mat(g).
                     # (gathered columns: A and G both carry 1/sqrt(W), so the local scale is kept)
                     scale = math.sqrt(lc_positions(L.capture))
-                    G_hat = damped_inverse_apply(UG, dG, lamG, G, side="left")
-                    A_hat = damped_inverse_apply(UA, dA, lamA, A, side="left")
+                    G_hat = damped_inverse_apply(UG, dG, lamG, G, side="left", check=False)
+                    A_hat = damped_inverse_apply(UA, dA, lamA, A, side="left", check=False)
                     S = (G_hat * scale) @ A_hat.mT
                 else:
                     J = L.capture.grad_matrix().to(UA.dtype)
-                    S = damped_inverse_apply(UA, dA, lamA, J, side="right")
-                    S = damped_inverse_apply(UG, dG, lamG, S, side="left")
+                    S = damped_inverse_apply(UA, dA, lamA, J, side="right", check=False)
+                    S = damped_inverse_apply(UG, dG, lamG, S, side="left", check=False)
                 updates[id(L)] = S
         with timer.phase("rest"):
             self._clip(updates)
