@@ -1,0 +1,454 @@
+"""``bkfac bench step``: per-step and per-epoch time of every optimizer, split into phases.
+
+What is timed, in one process, on the profile's model (``--profile``; ``cpu`` by default,
+``paper`` on CUDA, ``smoke`` with ``--quick``), for each optimizer of Table 2 (k-fac,
+r-kfac, sre-kfac, b-kfac, b-r-kfac, b-kfac-c, SENG, and our SGD baseline) built by
+:func:`bkfac.make_optimizer` with the hyper-parameters of the profile's run of that name
+(:meth:`~bkfac.experiments.profiles.Profile.resolve_run`):
+
+* **data** -- the next batch from the project's training loader
+  (:class:`~bkfac.experiments.data.CIFARLoader`: shuffle, random crop + flip, normalisation,
+  on the device) over a pool of *synthetic* uint8 images: the real augmentation path, but
+  not the decoding of CIFAR-10 (done once per run and cached) -- the benchmark needs no
+  data set;
+* **forward_backward** -- ``zero_grad``, the forward pass, the cross-entropy and
+  ``loss.backward()`` (K-FAC's capture hooks and SENG's per-sample capture included);
+* the optimizer's own phases from ``optimizer.timer.last``
+  (:class:`~bkfac.optim.timer.PhaseTimer`): **statistics**, **inverse**, **precondition**,
+  **rest** (anything of ``step()`` outside the timed phases is added to *rest*). On CUDA the
+  timer is built with ``sync_timer=True`` and every phase boundary is synchronised.
+
+Per-epoch estimate (amortisation over the periods). What a step costs depends only on
+which periodic events fire at its index ``k``: ``k % T == 0`` for each period of the
+optimizer (K-FAC family: T_updt, T_inv and the method's T_brand / T_rsvd / T_corct; SENG:
+its curvature ``update_freq``; SGD: none). Over one *cycle* of ``L = lcm(periods)`` steps
+every combination occurs with a fixed frequency. Each *kind* of step (a distinct
+combination) is timed at a representative index (the first ``k`` in ``1..L`` that has it;
+the optimizer's step counter is set to ``k`` before the step, after the optimizer has been
+initialised by a real step 0 and a warm-up step, so its state has steady-state sizes), and
+
+    t_step = sum over kinds (count_kind / L) * t_kind,     t_epoch = steps_per_epoch * t_step,
+
+with ``steps_per_epoch = n_train // batch`` of the profile (195 for CIFAR-10 at 256). This is
+the long-run mean epoch time (T_inv = 250 > 195, so single epochs differ), what the paper's
+t_epoch averages over its 50 epochs. The first step (factor initialisation, once per run)
+is reported separately (``first_step_s``) and not amortised. Each kind's time is the sum of
+the per-phase medians of up to ``--repeats`` runs (one discarded warm-up run unless it took
+more than 2 s; runs stop once they total ``--max-seconds``); the runs are interleaved
+round-robin over the optimizers and kinds so that load drift on a shared machine hits all
+of them alike.
+
+Targets (DESIGN, as ratios measured side by side in one run): b-kfac's t_epoch at most
+1.3x SGD's and at most 0.5x k-fac's; printed PASS/FAIL. Writes ``step.csv`` (one row per
+optimizer, amortised per-step phases, t_epoch, ratios), ``step_kinds.csv`` (one row per
+optimizer and kind of step), ``step_targets.csv`` and ``step.png`` (stacked bars of the
+per-epoch time by phase) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from functools import reduce
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .common import (
+    format_table,
+    machine_info,
+    resolve_device,
+    resolve_dtype,
+    save_figure_atomic,
+    set_threads,
+    sync,
+    verdict,
+    write_csv_atomic,
+)
+
+__all__ = [
+    "OPTIMIZERS", "PHASES", "TARGETS", "StepKind", "optimizer_periods", "step_kinds", "set_step_counter",
+    "steps_per_epoch", "bench_step", "check_targets", "plot_step", "main",
+]
+
+#: Every optimizer of the comparison, in table order.
+OPTIMIZERS = ("sgd", "seng", "k-fac", "r-kfac", "sre-kfac", "b-kfac", "b-r-kfac", "b-kfac-c")
+#: Phases of one training step, as in the training harness (``bkfac.experiments.train``).
+PHASES = ("data", "forward_backward", "statistics", "inverse", "precondition", "rest")
+#: (optimizer, reference, largest allowed ratio of t_epoch) -- DESIGN's end-to-end targets.
+TARGETS = (("b-kfac", "sgd", 1.3), ("b-kfac", "k-fac", 0.5))
+SLOW_S = 2.0  # a first run slower than this is kept as a sample (warm-up effects are negligible)
+
+SUMMARY_COLUMNS = (["optimizer", "label", "profile", "steps_per_epoch", "cycle", "kinds"]
+                   + [f"{p}_s" for p in PHASES]
+                   + ["step_s", "epoch_s", "ratio_to_sgd", "ratio_to_kfac", "first_step_s", "runs", "device",
+                      "dtype"])
+KIND_COLUMNS = (["optimizer", "kind", "count", "cycle", "frequency", "rep_step", "runs"]
+                + [f"{p}_s" for p in PHASES] + ["step_s"])
+TARGET_COLUMNS = ["target", "value", "threshold", "verdict"]
+
+
+# -- the step kinds -------------------------------------------------------------------------------
+@dataclass
+class StepKind:
+    """Steps whose index fires the same periodic events."""
+
+    events: tuple[str, ...]  # names of the periods T with k % T == 0 ("plain": none)
+    count: int  # how many steps of the cycle 1..cycle are of this kind
+    cycle: int
+    rep_step: int  # the first step index of this kind in 1..cycle
+
+    @property
+    def name(self) -> str:
+        return "+".join(self.events) if self.events else "plain"
+
+    @property
+    def frequency(self) -> float:
+        return self.count / self.cycle
+
+
+def optimizer_periods(opt) -> dict[str, int]:
+    """The periods (in steps) of the events that change what ``opt.step()`` does.
+
+    K-FAC family: ``t_updt``, ``t_inv`` and every ``t_*`` of its method (``t_brand``,
+    ``t_rsvd``, ``t_corct``); SENG: ``update_freq``; anything else (SGD): none.
+    """
+    from ..optim.kfac import KFACFamily
+
+    if isinstance(opt, KFACFamily):
+        periods = {"t_updt": int(opt.t_updt), "t_inv": int(opt.t_inv)}
+        periods.update({k: int(v) for k, v in opt.method_kw.items() if k.startswith("t_")})
+        return periods
+    if hasattr(opt, "update_freq"):
+        return {"update_freq": int(opt.update_freq)}
+    return {}
+
+
+def step_kinds(periods: dict[str, int]) -> list[StepKind]:
+    """The kinds of step over one cycle ``1..lcm(periods)``, most frequent first.
+
+    >>> [(k.name, k.count) for k in step_kinds({"t_updt": 2, "t_inv": 4})]
+    [('plain', 2), ('t_updt', 1), ('t_updt+t_inv', 1)]
+    """
+    for name, p in periods.items():
+        if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+            raise ValueError(f"period {name} must be a positive integer, got {p!r}")
+    cycle = reduce(math.lcm, periods.values(), 1)
+    kinds: dict[tuple[str, ...], StepKind] = {}
+    for k in range(1, cycle + 1):
+        events = tuple(name for name, p in periods.items() if k % p == 0)
+        if events not in kinds:
+            kinds[events] = StepKind(events, 0, cycle, k)
+        kinds[events].count += 1
+    return sorted(kinds.values(), key=lambda s: (-s.count, s.rep_step))
+
+
+def set_step_counter(opt, k: int) -> None:
+    """Make ``opt``'s next ``step()`` be step ``k`` of its schedule (a benchmark device:
+    K-FAC family ``steps``, SENG's step counter; SGD has none)."""
+    from ..optim.kfac import KFACFamily
+
+    if isinstance(opt, KFACFamily):
+        opt.steps = k
+    elif hasattr(opt, "update_freq") and hasattr(opt, "_step_count"):
+        opt._step_count = k
+    elif optimizer_periods(opt):  # pragma: no cover - a new periodic optimizer must be taught here
+        raise ValueError(f"do not know how to set the step counter of {type(opt).__name__}")
+
+
+def steps_per_epoch(profile) -> int:
+    """Batches per epoch of the profile's training loader (``drop_last``): ``n_train // batch``."""
+    t = profile.train
+    n_train = profile.data.get("n_train") or 50000  # CIFAR-10's training set
+    steps = n_train // t["batch_size"]
+    if t.get("max_batches_per_epoch"):
+        steps = min(steps, t["max_batches_per_epoch"])
+    return max(1, steps)
+
+
+# -- one optimizer -------------------------------------------------------------------------------------
+@dataclass
+class _Bench:
+    name: str
+    label: str
+    model: torch.nn.Module
+    opt: object
+    kinds: list[StepKind]
+    samples: dict[str, list[dict]] = field(default_factory=dict)
+    warm: set = field(default_factory=set)
+    first: dict = field(default_factory=dict)
+
+
+class _Batches:
+    """Endless batches from :class:`CIFARLoader` over a pool of synthetic uint8 images."""
+
+    def __init__(self, batch_size: int, input_size, in_channels: int, num_classes: int, device, dtype, seed: int):
+        from ..experiments.data import CIFARLoader
+
+        g = torch.Generator().manual_seed(seed)
+        pool = 4 * batch_size
+        images = torch.randint(0, 256, (pool, in_channels, *input_size), generator=g, dtype=torch.uint8)
+        labels = torch.randint(0, num_classes, (pool,), generator=g)
+        mean = std = [0.5] * in_channels
+        self.loader = CIFARLoader(images, labels, batch_size=batch_size, train=True, seed=seed, device=device,
+                                  mean=mean, std=std)
+        self.dtype = dtype
+        self.epoch = 0
+        self.it = iter(self.loader)
+
+    def next(self):
+        try:
+            x, y = next(self.it)
+        except StopIteration:
+            self.epoch += 1
+            self.loader.set_epoch(self.epoch)
+            self.it = iter(self.loader)
+            x, y = next(self.it)
+        return x.to(self.dtype), y
+
+
+def _one_step(b: _Bench, batches: _Batches, device, k: int | None) -> dict:
+    """One training step (step index ``k`` of the optimizer's schedule); seconds per phase."""
+    if k is not None:
+        set_step_counter(b.opt, k)
+    sync(device)
+    t0 = time.perf_counter()
+    x, y = batches.next()
+    sync(device)
+    t1 = time.perf_counter()
+    b.opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(b.model(x), y)
+    loss.backward()
+    sync(device)
+    t2 = time.perf_counter()
+    b.opt.step()
+    sync(device)
+    t3 = time.perf_counter()
+    if not math.isfinite(float(loss.detach())):
+        raise FloatingPointError(f"bench step: {b.name} produced a non-finite loss at step {k}")
+    timed = dict(getattr(b.opt, "timer").last)
+    phases = {"data": t1 - t0, "forward_backward": t2 - t1}
+    for p in ("statistics", "inverse", "precondition", "rest"):
+        phases[p] = float(timed.get(p, 0.0))
+    phases["rest"] += max(0.0, (t3 - t2) - sum(float(v) for v in timed.values()))
+    return phases
+
+
+def _make_bench(name: str, profile, base_model, *, device, sync_timer: bool) -> _Bench:
+    from ..optim.factory import make_optimizer
+
+    opt_name, hyper, label = profile.resolve_run(name)
+    if sync_timer and opt_name != "sgd":  # SGD's timer has only 'rest'; the step is synchronised here
+        hyper["sync_timer"] = True
+    model = copy.deepcopy(base_model)
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # BatchNorm gets the SGD step: listed by describe()
+        opt = make_optimizer(opt_name, model, **hyper)
+    if hasattr(opt, "set_epoch"):
+        opt.set_epoch(1)
+    return _Bench(name, label, model, opt, step_kinds(optimizer_periods(opt)))
+
+
+def _median_phases(samples: list[dict]) -> dict:
+    return {p: statistics.median(s[p] for s in samples) for p in PHASES}
+
+
+def bench_step(profile, optimizers=OPTIMIZERS, *, device="cpu", dtype=torch.float32, repeats: int = 3,
+               budget_s: float = 120.0, seed: int = 0, warmup: bool = True,
+               log=print) -> tuple[list[dict], list[dict]]:
+    """Time every optimizer's kinds of step on ``profile``'s model (see the module docstring).
+
+    ``warmup=False`` (``--quick``) keeps every run as a sample: no warm-up step after the
+    first, no discarded first run per kind.
+
+    Returns ``(summary_rows, kind_rows)``: per optimizer the amortised per-step phases,
+    ``step_s``, ``epoch_s`` and ratios to SGD and k-fac (``nan`` when not measured); per
+    optimizer and kind the median phases, its count in the cycle and the number of runs.
+    """
+    from ..experiments.models import build_model
+
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    device = torch.device(device)
+    spec = profile.model
+    torch.manual_seed(seed)
+    base = build_model(spec).to(device=device, dtype=dtype)
+    batch = profile.train["batch_size"]
+    batches = _Batches(batch, tuple(spec.get("input_size", (32, 32))), int(spec.get("in_channels", 3)),
+                       int(spec.get("num_classes", 10)), device, dtype, seed)
+    spe = steps_per_epoch(profile)
+    benches = []
+    for name in optimizers:
+        b = _make_bench(name, profile, base, device=device, sync_timer=device.type == "cuda")
+        b.first = _one_step(b, batches, device, 0)  # initialisation (once per run, not amortised)
+        if warmup:
+            _one_step(b, batches, device, b.kinds[0].rep_step)  # warm-up of the most frequent kind
+        log(f"  {name}: first step {sum(b.first.values()):.3g}s; {len(b.kinds)} kind(s) of step over a cycle of "
+            f"{b.kinds[0].cycle}: " + ", ".join(f"{s.name} x{s.count}" for s in b.kinds))
+        benches.append(b)
+
+    def done(b: _Bench, s: StepKind) -> bool:
+        runs = b.samples.get(s.name, [])
+        return len(runs) >= repeats or (bool(runs) and sum(sum(r.values()) for r in runs) >= budget_s)
+
+    # round-robin over optimizers and kinds: load drift on a shared machine hits all alike
+    while not all(done(b, s) for b in benches for s in b.kinds):
+        for b in benches:
+            for s in b.kinds:
+                if done(b, s):
+                    continue
+                ph = _one_step(b, batches, device, s.rep_step)
+                if warmup and s.name not in b.warm:
+                    b.warm.add(s.name)
+                    if sum(ph.values()) < SLOW_S:
+                        continue  # discarded warm-up run of this kind
+                b.samples.setdefault(s.name, []).append(ph)
+
+    kind_rows, summary = [], []
+    for b in benches:
+        amortised = dict.fromkeys(PHASES, 0.0)
+        runs = 0
+        for s in b.kinds:
+            med = _median_phases(b.samples[s.name])
+            runs += len(b.samples[s.name])
+            kind_rows.append({"optimizer": b.name, "kind": s.name, "count": s.count, "cycle": s.cycle,
+                              "frequency": s.frequency, "rep_step": s.rep_step, "runs": len(b.samples[s.name]),
+                              **{f"{p}_s": med[p] for p in PHASES}, "step_s": sum(med.values())})
+            for p in PHASES:
+                amortised[p] += s.frequency * med[p]
+        step_s = sum(amortised.values())
+        summary.append({"optimizer": b.name, "label": b.label, "profile": profile.name, "steps_per_epoch": spe,
+                        "cycle": b.kinds[0].cycle, "kinds": len(b.kinds),
+                        **{f"{p}_s": amortised[p] for p in PHASES}, "step_s": step_s, "epoch_s": spe * step_s,
+                        "first_step_s": sum(b.first.values()), "runs": runs, "device": str(device),
+                        "dtype": str(dtype).replace("torch.", "")})
+        if hasattr(b.opt, "remove_hooks"):
+            b.opt.remove_hooks()
+    ref = {r["optimizer"]: r["epoch_s"] for r in summary}
+    for r in summary:
+        r["ratio_to_sgd"] = r["epoch_s"] / ref["sgd"] if "sgd" in ref else float("nan")
+        r["ratio_to_kfac"] = r["epoch_s"] / ref["k-fac"] if "k-fac" in ref else float("nan")
+    return summary, kind_rows
+
+
+def check_targets(summary: list[dict]) -> list[dict]:
+    """DESIGN's end-to-end targets as PASS/FAIL rows (``n/a`` when an optimizer was not run)."""
+    t_epoch = {r["optimizer"]: r["epoch_s"] for r in summary}
+    rows = []
+    for opt, ref, limit in TARGETS:
+        value = t_epoch[opt] / t_epoch[ref] if opt in t_epoch and ref in t_epoch else float("nan")
+        ok = None if math.isnan(value) else value <= limit
+        rows.append({"target": f"{opt} t_epoch / {ref} t_epoch", "value": value, "threshold": f"<= {limit}",
+                     "verdict": verdict(ok)})
+    return rows
+
+
+def plot_step(summary: list[dict], path, title: str = "") -> Path:
+    """Stacked bars: per-epoch seconds of each optimizer, split by phase."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.4, 4.4))
+    ax = fig.subplots()
+    names = [r["optimizer"] for r in summary]
+    bottom = [0.0] * len(summary)
+    for i, p in enumerate(PHASES):
+        vals = [r[f"{p}_s"] * r["steps_per_epoch"] for r in summary]
+        ax.bar(names, vals, bottom=bottom, color=f"C{i}", label=p.replace("_", "/"))
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    for x, (r, top) in enumerate(zip(summary, bottom)):
+        if not math.isnan(r.get("ratio_to_sgd", float("nan"))):
+            ax.annotate(f"{r['ratio_to_sgd']:.2g}x", (x, top), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("seconds per epoch (amortised over the periods)")
+    ax.set_title(title or "Time per epoch by phase (labels: ratio to SGD)")
+    ax.tick_params(axis="x", labelrotation=30)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure_atomic(fig, path, dpi=120)
+
+
+def _load_profile(args, device):
+    from ..experiments.profiles import load_profile
+
+    name = getattr(args, "profile", None)
+    if args.quick:
+        name = name or "smoke"
+    name = name or ("paper" if device.type == "cuda" else "cpu")
+    return load_profile(name)
+
+
+def _load_average() -> str:
+    try:
+        with open("/proc/loadavg", encoding="utf-8") as fh:
+            return " ".join(fh.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of ``bkfac bench step``."""
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype)
+    profile = _load_profile(args, device)
+    out = Path(args.out)
+    set_threads(getattr(args, "threads", None))
+    info = machine_info(device)
+    print(f"bkfac bench step  (profile {profile.name}: model {profile.model}, batch {profile.train['batch_size']}, "
+          f"{steps_per_epoch(profile)} steps per epoch)")
+    print(f"machine: {info['cpu_model']}, {info['cpu_cores']} cores, torch {info['torch_version']} "
+          f"({info['torch_threads']} threads), device {info['device']} [{info['device_name']}]; "
+          f"load average {_load_average()}")
+    print(f"data: CIFARLoader augmentation over synthetic uint8 images on {device}; dtype {args.dtype}; "
+          f"median of up to {args.repeats} runs per kind of step{'' if args.quick else ' after a warm-up'}, "
+          "interleaved; per-epoch time amortised over the "
+          "cycle lcm(periods) by the frequency of each kind of step")
+    t0 = time.perf_counter()
+    summary, kinds = bench_step(profile, OPTIMIZERS, device=device, dtype=dtype, repeats=args.repeats,
+                                budget_s=args.max_seconds, seed=args.seed, warmup=not args.quick)
+    targets = check_targets(summary)
+    print()
+    print(format_table(kinds, ["optimizer", "kind", "count", "cycle", "runs"] + [f"{p}_s" for p in PHASES]
+                       + ["step_s"],
+                       ["optimizer", "kind", "count", "cycle", "runs", "data", "fwd/bwd", "stats", "inverse",
+                        "precond", "rest", "step s"]))
+    print()
+    print(format_table(summary, ["optimizer"] + [f"{p}_s" for p in PHASES] + ["step_s", "epoch_s", "ratio_to_sgd",
+                                                                             "ratio_to_kfac", "first_step_s"],
+                       ["optimizer", "data", "fwd/bwd", "stats", "inverse", "precond", "rest", "step s", "epoch s",
+                        "/ SGD", "/ k-fac", "first step s"]))
+    print("(per-step columns are amortised means; epoch s = steps per epoch x step s)")
+    print()
+    for t in targets:
+        print(f"target {t['verdict']:4s}  {t['target']}: {t['value']:.3g} (want {t['threshold']})")
+    print(f"load average after the run: {_load_average()}")
+    written = [write_csv_atomic(out / "step.csv", summary, SUMMARY_COLUMNS),
+               write_csv_atomic(out / "step_kinds.csv", kinds, KIND_COLUMNS),
+               write_csv_atomic(out / "step_targets.csv", targets, TARGET_COLUMNS)]
+    if not getattr(args, "no_figure", False):
+        written.append(plot_step(summary, out / "step.png",
+                                 title=f"Time per epoch by phase, profile {profile.name} ({info['device_name']})"))
+    print(f"wrote {', '.join(str(p) for p in written)} in {time.perf_counter() - t0:.0f}s")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    """``python -m bkfac.bench.step``: the common bench options plus ``--profile``."""
+    from . import add_bench_args
+
+    parser = argparse.ArgumentParser(prog="python -m bkfac.bench.step", description=__doc__.splitlines()[0])
+    add_bench_args(parser)
+    if not any("--profile" in a.option_strings for a in parser._actions):
+        parser.add_argument("--profile", default=None,
+                            help="run profile (default: cpu; paper on CUDA; smoke with --quick)")
+    return parser
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised by hand
+    sys.exit(main(_parser().parse_args(["step"] + sys.argv[1:])))
