@@ -23,8 +23,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# One pytest run: the unit tests, and nbval executing every chapter (smoke-profile copies made
+# by papermill, parameters injected) and comparing the cells tagged nbval-check-output.
 test: $(STAMP)
-	$(PY) -m pytest -q --timeout=1500 tests
+	$(PY) -m bkfac.book prepare --profile smoke --out .nbrun/smoke
+	$(PY) -m pytest -q --timeout=1500 --nbval-lax tests .nbrun/smoke
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -x --timeout=600 tests -k "not nbval and not book_exec"
@@ -41,8 +44,10 @@ reproduce: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/bkfac bench all
 
+# Executed chapters -> .preview/<chapter>.html with nbconvert (hidden / remove-input cells stay hidden).
 preview: $(STAMP)
-	$(PY) -m bkfac.book preview
+	$(PY) -m bkfac.book preview --out .preview
+	@echo "open .preview/index.html"
 
 clean:
 	rm -rf .nbrun .preview _book .pytest_cache

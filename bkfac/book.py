@@ -291,12 +291,20 @@ def output_dir(kind: str, profile: str) -> Path:
     return out
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic_write(path: Path, write) -> Path:
+    """Write through a temporary file in the same directory, then ``os.replace`` it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _umask_mode())  # mkstemp creates 0600 files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -369,8 +377,13 @@ def run_stamp(profile: str, device: str = "cpu") -> str:
 
 
 def stamp_figure(fig, profile: str, device: str = "cpu") -> None:
-    """Write :func:`run_stamp` in small print at the bottom of a matplotlib figure."""
-    fig.text(0.01, 0.003, run_stamp(profile, device), fontsize=6.5, color="0.35", ha="left", va="bottom")
+    """Write :func:`run_stamp` in small print under a matplotlib figure's axes.
+
+    Lays the figure out with ``tight_layout`` leaving a strip at the bottom for the stamp, so
+    call it after the axes are complete.
+    """
+    fig.tight_layout(rect=(0, 0.045, 1, 1))
+    fig.text(0.01, 0.004, run_stamp(profile, device), fontsize=6.5, color="0.35", ha="left", va="bottom")
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,20 +397,26 @@ def _selected(names: Sequence[str] | None, root: Path) -> list[Path]:
     return [chapter_path(n, root) for n in names]
 
 
-def execute_chapter(path: Path, profile: str, out_path: Path, root: Path | None = None, log=print) -> float:
+def _failed_path(root: Path, profile: str, path: Path) -> Path:
+    return root / NBRUN / "failed" / profile / path.name
+
+
+def execute_chapter(path: Path, profile: str, out_path: Path, root: Path | None = None) -> float:
     """Execute one chapter with papermill and ``profile``'s parameters; returns the seconds.
 
     Kernel :data:`KERNEL`, working directory ``chapters/``. The result is written to a
-    temporary file next to ``out_path`` and moved into place only on success, so a failing
+    temporary file under ``.nbrun/tmp/`` and moved into place only on success, so a failing
     run never replaces a committed notebook; the failed notebook is kept under
-    ``.nbrun/<profile>/failed/`` for inspection and the papermill error is re-raised.
+    ``.nbrun/failed/<profile>/`` for inspection and the papermill error is re-raised.
     """
     import papermill as pm
 
     root = root or repo_root()
     params = load_params(profile, path, root)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.stem}.", suffix=".ipynb", dir=out_path.parent)
+    scratch = root / NBRUN / "tmp"  # git-ignored; same file system as the repository for os.replace
+    scratch.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{out_path.stem}.", suffix=".ipynb", dir=scratch)
     os.close(fd)
     t0 = time.perf_counter()
     try:
@@ -411,12 +430,12 @@ def execute_chapter(path: Path, profile: str, out_path: Path, root: Path | None 
             log_output=False,
         )
     except BaseException:
-        failed = root / NBRUN / profile / "failed" / path.name
+        failed = _failed_path(root, profile, path)
         failed.parent.mkdir(parents=True, exist_ok=True)
         if Path(tmp).exists():
             os.replace(tmp, failed)
-            log(f"    the failed notebook is kept in {failed.relative_to(root)}")
         raise
+    os.chmod(tmp, _umask_mode())
     os.replace(tmp, out_path)
     return time.perf_counter() - t0
 
@@ -436,8 +455,14 @@ def prepare(profile: str, out_dir: str | os.PathLike, chapters_: Sequence[str] |
     out = Path(out_dir)
     out = out if out.is_absolute() else root / out
     out.mkdir(parents=True, exist_ok=True)
+    selected = _selected(chapters_, root)
+    if chapters_ is None:  # a full preparation: drop copies of chapters that left the book
+        names = {p.name for p in selected}
+        for stale in out.glob("*.ipynb"):
+            if stale.name not in names:
+                stale.unlink()
     written = []
-    for path in _selected(chapters_, root):
+    for path in selected:
         target = out / path.name
         pm.execute_notebook(
             str(path), str(target), parameters=load_params(profile, path, root), kernel_name=KERNEL,
@@ -601,11 +626,13 @@ def run_reproduce(args: argparse.Namespace) -> int:
         print(f"[{i}/{len(selected)}] {path.stem} ...", end=" ", flush=True)
         t0 = time.perf_counter()
         try:
-            secs = execute_chapter(path, args.profile, out, root, log=print)
+            secs = execute_chapter(path, args.profile, out, root)
         except Exception as exc:  # papermill's execution error, a kernel death, ...
             secs = time.perf_counter() - t0
-            first = str(exc).strip().splitlines()
-            print(f"FAILED after {secs:.1f} s: {first[-1] if first else type(exc).__name__}", flush=True)
+            lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+            failed = _failed_path(root, args.profile, path)
+            kept = f" (notebook kept in {failed.relative_to(root)})" if failed.exists() else ""
+            print(f"FAILED after {secs:.1f} s: {lines[-1] if lines else type(exc).__name__}{kept}", flush=True)
             failures.append(path.stem)
         else:
             print(f"ok ({secs:.1f} s) -> {out.relative_to(root)}", flush=True)

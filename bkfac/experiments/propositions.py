@@ -168,13 +168,15 @@ class PropositionCheck:
     def rows(self) -> list[dict]:
         return [s.row() for s in self.statements + self.errata]
 
-    def table(self) -> str:
-        """A Markdown table of the statements (for the book)."""
+    def table(self, kinds: Sequence[str] = ("claim", "proof", "erratum")) -> str:
+        """A Markdown table of the statements of the given ``kinds`` (for the book)."""
         lines = [
             "| statement | kind | checks | violations | refuted | worst defect |",
             "|---|---|---:|---:|---:|---:|",
         ]
         for s in self.statements + self.errata:
+            if s.kind not in kinds:
+                continue
             lines.append(
                 f"| {s.name} | {s.kind} | {s.checks} | {s.violations if s.kind != 'erratum' else '-'} "
                 f"| {s.refuted if s.kind == 'erratum' else '-'} | {s.worst:.2e} |"
