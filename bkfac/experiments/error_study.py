@@ -1,0 +1,1193 @@
+"""The K-factor error study of Sec. 4.2-4.3 (Figures 1-2, Table 1 of Puiu, arXiv:2210.08494).
+
+What the paper measures
+-----------------------
+Fix the period ``T_updt = t`` at which new K-factor data arrives (the paper: ``t = 10``).
+k-fac with ``T_inv = T_updt`` holds the *exact* inverse of the current EA K-factors at every
+step; it is the benchmark ("ref"). For an algorithm that does not (b-kfac, b-r-kfac,
+b-kfac-c, r-kfac, k-fac with ``T_inv > T_updt``) the paper records, on the first FC layer
+("FC layer 0") only and for 300 consecutive steps starting at epochs 15 and 30:
+
+1. ``||A~^{-1} - A_ref^{-1}||_F / ||A_ref^{-1}||_F`` (Fig. 1, left),
+2. the same for ``Gamma`` (Fig. 1, right),
+3. ``||s~ - s_ref||_F / ||s_ref||_F`` for the FC0 "subspace step"
+   ``s = Gamma^{-1} Mat(g) A^{-1}`` with the current gradient (Fig. 2, left),
+4. ``1 - cos(angle(s~, s_ref))`` (Fig. 2, right),
+
+where the inverses are *damped* with ``lambda = phi * lambda_max`` of the respective
+representation and, for the low-rank ones, spectrum continuation (Sec. 3.5). Metrics (1)-(2)
+change only when new data arrives (every ``t`` steps); (3)-(4) change every step with the
+gradient; Fig. 2 shows their average over the ``t`` samples of each block (its caption).
+Table 1 averages each curve of the epoch-30 window.
+
+How we measure it: shadows on one trajectory
+--------------------------------------------
+We drive ONE training trajectory (by default k-fac with ``T_inv = T_updt = t``, the benchmark
+itself; see ``drive`` below) and, along it, keep the FC0 EA factors ``A``, ``Gamma`` of
+eq. (5) with period ``t`` ourselves. At the start of each window we create, for each of the
+seven compared algorithms, a **shadow**: that algorithm's factor-inverse objects
+(:mod:`bkfac.inverses`, the same classes the optimizers use) for FC0's two factors. The
+shadows receive exactly the batch matrices ``A_k``, ``G_k`` the reference receives, every
+``t`` steps, and update their representations on their own schedule; they never touch the
+model. At every step we compare each shadow's damped inverses, and the step it would take
+with the *current* gradient, with the reference's.
+
+Why this measures what the paper measures: the representation an algorithm holds at step
+``k`` is a function of the K-factor data it received and of its own update schedule only.
+The paper's question is how far that representation is from the exact one *given the same
+incoming data* ("for all these algorithms, new K-factor data is incoming with period
+T_updt"), i.e. the error of the approximation itself. Shadows answer exactly that: each is
+that algorithm's inverse-representation process run on the benchmark's data, so its
+distance to the benchmark is pure approximation error. Letting each algorithm drive its own
+training would instead mix in the divergence of the trajectories (different weights,
+different gradients), which is not an approximation error and makes steps incomparable. It
+is also seven times cheaper: one forward/backward per step serves all seven algorithms.
+
+Periods and starts. The paper's periods are multiples of ``t``: (1) b-kfac ``T_brand = t``;
+(2) b-r-kfac ``T_brand = t``, ``T_rsvd = 5t``; (3) b-kfac-c ``T_brand = t``,
+``T_corct = 5t``, ``phi_corct = 0.5``; (4) r-kfac ``T_inv = 5t``; (5) r-kfac ``T_inv = t``;
+(6) r-kfac ``T_inv = 30t`` (one RSVD at the start, none after: "no reset"); (7) k-fac
+``T_inv = 5t`` (:data:`PAPER_ALGORITHMS`). Rank, oversampling and power iterations are the
+profile's r-kfac ones. A window starts at the first step of its epoch that is a multiple of
+``t`` (new data arrives there), and every shadow starts "exactly when the heaviest update of
+the algorithm at hand is performed" (Sec. 4.2): k-fac shadows with ``eigh`` of the EA factor
+of that step, r-kfac shadows with its RSVD, and the three B-update variants with the heavy
+step of b-r-kfac (Alg. 5, lines 2-7: RSVD of the EA factor of the previous step, then the
+B-update with this step's batch) -- the state they would hold right after an RSVD overwrite.
+(The paper starts r-kfac ``T_inv = 300`` "slightly later in the epoch"; here all shadows
+start at the same step, which the paper notes is immaterial.) Window-relative step numbers
+``j = k - k0`` drive the classes' schedules, so ``j % T == 0`` fires the periodic updates.
+
+The mixed policy of Sec. 3.5 puts both FC0 factors of the paper's network (16385 and 2048
+against ``n_M + r = 476``) and of the ``cpu`` profile's on the B-update path. The shadows
+apply the compared algorithm to both FC0 factors whatever their size (a B-update whose
+``r + n_M`` reaches the dimension is exact, see :func:`bkfac.linalg.brand_update`); only the
+smoke profile's tiny Gamma factor is affected.
+
+The reference. Its EA factors are ours (same rule and data as the benchmark optimizer; with
+the default ``drive`` they are checked against the optimizer's at each window start). Its
+damped inverse is computed without ``eigh``: ``lambda_max`` by Lanczos with full
+reorthogonalisation (:func:`lanczos_lambda_max`, relative accuracy ~1e-10; ``eigvalsh`` for
+small factors), then the Cholesky factor ``L`` of ``M + lambda I`` in float64 and
+``(M + lambda I)^{-1} = L^{-T} L^{-1}`` (a triangular solve and one product; LAPACK's
+``potri`` is far slower in torch on CPU). Damping follows the optimizer's rule for every
+party: ``lambda = max(phi * lambda_max, min_damping)``, spectrum continuation for the
+shadows (an identity transformation for full-width representations).
+
+Cost of the metrics. Metrics (1)-(2) need dense ``d x d`` differences, ``O(d^2 w)`` per shadow
+of width ``w``, every ``t`` steps (cached for full-width representations between their
+refreshes). For (3)-(4) we use the factored gradient of a Linear layer,
+``Mat(g) = scale * G_k A_k^T`` (eq. (20), the identity behind Alg. 8; checked against autograd's
+gradient at each window start, with a dense fallback), so each step is ``s = P Q^T`` with
+``P = Gamma^{-1} G_k`` and ``Q = A^{-1} A_k`` (``n`` columns), and the norms and the cosine
+come from ``n x n`` Gram matrices: ``O(d w n)`` per shadow per step. All metric arithmetic is
+float64; shadows work in the dtype of the statistics (float32 in training, as the optimizers).
+
+The trajectory (``drive``). ``"reference"`` (default, the paper): k-fac with the profile's
+k-fac hyper-parameters and ``T_updt = T_inv = t``. Another K-FAC-family run of the profile
+(e.g. ``"k-fac"``, its own ``T_updt``/``T_inv``) may drive instead, to save CPU: the FC0
+statistics stream, the shadows, the reference and the metrics are then exactly as above (our
+own EA with period ``t`` from step 0); only the data-generating trajectory differs (its FC0
+step does not always use the exact inverse). ``config.json`` records which drove a run.
+
+Outputs under ``data/results/<profile>/error_study/`` (atomic writes): ``metrics.csv``
+(window_epoch, step, algorithm, label, metric1..4, metric3_block, metric4_block -- the mean
+over the runs), ``metrics_runs.csv`` (per run, with its seed and global step),
+``table1.csv`` (:func:`table1`), ``orderings.json`` (:func:`check_orderings`),
+``config.json``. :func:`plot_error_study` draws Figures 1 and 2 from the rows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..inverses import (
+    INVERSE_METHODS,
+    BrandInverse,
+    EighInverse,
+    FactorInverse,
+    RSVDInverse,
+)
+from ..linalg import brand_update, rsvd, spectrum_continuation
+from ..optim.factory import make_optimizer, paper_defaults
+from ..optim.schedules import as_schedule
+from .data import load_cifar10, make_loaders, subset
+from .models import build_model
+from .profiles import Profile
+from .results import read_csv, results_dir, write_csv, write_json
+
+__all__ = [
+    "ShadowSpec",
+    "PAPER_ALGORITHMS",
+    "PAPER_TABLE1",
+    "METRIC_NAMES",
+    "lanczos_lambda_max",
+    "damped_dense_inverse",
+    "inverse_error",
+    "step_errors",
+    "ReferenceInverse",
+    "ErrorWindow",
+    "error_window_metrics",
+    "add_block_averages",
+    "average_runs",
+    "table1",
+    "check_orderings",
+    "format_orderings",
+    "plot_error_study",
+    "run_error_study",
+    "load_error_study",
+    "ErrorStudyResult",
+]
+
+METRIC_NAMES = {
+    1: "norm error in A^-1",
+    2: "norm error in Gamma^-1",
+    3: "norm error in subspace step",
+    4: "angle error in subspace step (1 - cos)",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# the compared algorithms
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShadowSpec:
+    """One compared algorithm of Sec. 4.2: a factor-inverse ``method`` of
+    :data:`bkfac.inverses.INVERSE_METHODS` (``"eigh"``, ``"rsvd"``, ``"brand"``, ``"brand+rsvd"``,
+    ``"brand+correction"``) with its periods in multiples of ``t_updt`` (e.g.
+    ``(("t_brand", 1), ("t_rsvd", 5))``) and, for b-kfac-c, ``phi_crc``."""
+
+    key: str
+    method: str
+    periods: tuple[tuple[str, int], ...]
+    phi_crc: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in INVERSE_METHODS:
+            raise ValueError(f"ShadowSpec {self.key!r}: unknown method {self.method!r}; "
+                             f"choose one of {sorted(INVERSE_METHODS)}")
+        for name, mult in self.periods:
+            if isinstance(mult, bool) or not isinstance(mult, int) or mult < 1:
+                raise ValueError(f"ShadowSpec {self.key!r}: period {name} must be a positive multiple of "
+                                 f"t_updt, got {mult!r}")
+
+    def kwargs(self, t_updt: int) -> dict:
+        kw = {name: mult * t_updt for name, mult in self.periods}
+        if self.phi_crc is not None:
+            kw["phi_crc"] = self.phi_crc
+        return kw
+
+    def label(self, t_updt: int) -> str:
+        names = {"t_brand": "T_brand", "t_rsvd": "T_rsvd", "t_corct": "T_corct", "t_inv": "T_inv"}
+        base = {"eigh": "k-fac", "rsvd": "r-kfac", "srevd": "sre-kfac", "brand": "b-kfac",
+                "brand+rsvd": "b-r-kfac", "brand+correction": "b-kfac-c"}[self.method]
+        parts = [f"{names.get(n, n)}={m * t_updt}" for n, m in self.periods]
+        if self.phi_crc is not None:
+            parts.append(f"phi_corct={self.phi_crc:g}")
+        return f"{base} {', '.join(parts)}"
+
+
+#: The seven algorithms of Sec. 4.2, in the paper's order (periods in multiples of T_updt).
+PAPER_ALGORITHMS: tuple[ShadowSpec, ...] = (
+    ShadowSpec("b-kfac", "brand", (("t_brand", 1),)),
+    ShadowSpec("b-r-kfac", "brand+rsvd", (("t_brand", 1), ("t_rsvd", 5))),
+    ShadowSpec("b-kfac-c", "brand+correction", (("t_brand", 1), ("t_corct", 5)), phi_crc=0.5),
+    ShadowSpec("r-kfac-5t", "rsvd", (("t_inv", 5),)),
+    ShadowSpec("r-kfac-1t", "rsvd", (("t_inv", 1),)),
+    ShadowSpec("r-kfac-30t", "rsvd", (("t_inv", 30),)),
+    ShadowSpec("k-fac-5t", "eigh", (("t_inv", 5),)),
+)
+
+#: The paper's Table 1 (epoch-30 window, T_updt = 10): average metrics 1-4 and t_epoch (s).
+#: r-kfac T_inv = 300 has no row there. Published values, for side-by-side display.
+PAPER_TABLE1: dict[str, dict] = {
+    "k-fac-5t": dict(metric1=1.51e-03, metric2=8.42e-02, metric3=2.69e-01, metric4=14.4e-02, t_epoch="169 ± 5.6"),
+    "r-kfac-5t": dict(metric1=4.65e-03, metric2=10.4e-02, metric3=2.96e-01, metric4=14.6e-02, t_epoch="58.5 ± 0.6"),
+    "r-kfac-1t": dict(metric1=4.8e-03, metric2=4.9e-02, metric3=0.43e-01, metric4=0.02e-02, t_epoch="71.2 ± 1.0"),
+    "b-kfac": dict(metric1=48.6e-03, metric2=1.02e-02, metric3=2.40e-01, metric4=29.0e-02, t_epoch="59.2 ± 0.6"),
+    "b-kfac-c": dict(metric1=11.9e-03, metric2=1.04e-02, metric3=1.22e-01, metric4=0.77e-02, t_epoch="59.4 ± 0.6"),
+    "b-r-kfac": dict(metric1=3.40e-03, metric2=1.81e-02, metric3=0.40e-01, metric4=0.74e-02, t_epoch="59.5 ± 0.6"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# metric building blocks (float64 by default)
+# ----------------------------------------------------------------------------------------------
+def lanczos_lambda_max(M: Tensor, *, tol: float = 1e-11, max_iter: int = 120,
+                       generator: torch.Generator | None = None) -> float:
+    """Largest eigenvalue of a symmetric PSD matrix ``M`` by Lanczos with full
+    reorthogonalisation (hand-written: torch has no ARPACK, ``torch.lobpcg`` was ~50x slower
+    here, and ``eigvalsh`` costs a full ``O(d^3)`` tridiagonalisation).
+
+    Stops when the Ritz residual ``beta_j |e_j^T y|`` falls below ``tol * theta`` (then
+    ``|lambda - theta| <= tol * theta`` for an eigenvalue ``lambda``, and ``theta <= lambda_max``),
+    when the Krylov space is exhausted, or after ``max_iter`` steps. Computed in float64.
+    """
+    if M.dim() != 2 or M.shape[0] != M.shape[1]:
+        raise ValueError(f"M must be a square matrix, got shape {tuple(M.shape)}")
+    d = M.shape[0]
+    M = M.to(torch.float64)
+    if d <= 256:
+        return float(torch.linalg.eigvalsh(0.5 * (M + M.mT))[-1])
+    m = min(max_iter, d)
+    g = generator if generator is not None else torch.Generator().manual_seed(12345)
+    q = torch.randn(d, 1, generator=g, dtype=torch.float64).to(M.device)
+    q = q / torch.linalg.vector_norm(q)
+    Q = M.new_zeros(d, m)
+    alphas: list[float] = []
+    betas: list[float] = []
+    theta = 0.0
+    for j in range(m):
+        Q[:, j : j + 1] = q
+        w = M @ q
+        a = float((q.mT @ w).squeeze())
+        w = w - Q[:, : j + 1] @ (Q[:, : j + 1].mT @ w)
+        w = w - Q[:, : j + 1] @ (Q[:, : j + 1].mT @ w)  # twice is enough (Parlett)
+        b = float(torch.linalg.vector_norm(w))
+        alphas.append(a)
+        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            T = T + torch.diag(off, 1) + torch.diag(off, -1)
+        evals, evecs = torch.linalg.eigh(T)
+        theta = float(evals[-1])
+        if theta <= 0.0:
+            if b == 0.0:
+                return 0.0
+        elif b * abs(float(evecs[-1, -1])) <= tol * theta or b <= 1e-14 * theta:
+            return theta
+        betas.append(b)
+        q = w / b
+    return theta
+
+
+def _damping(d: Tensor, phi: float, min_damping: float, continuation: bool = True) -> tuple[Tensor, float]:
+    """The optimizer's rule (``KFACFamily._damped``): ``lam = max(phi * d_max, min_damping)``,
+    then spectrum continuation (Sec. 3.5)."""
+    lam = max(phi * float(d[0]), min_damping) if d.numel() else min_damping
+    if continuation:
+        d, lam = spectrum_continuation(d, lam)
+        lam = float(lam)
+    return d, lam
+
+
+def damped_dense_inverse(U: Tensor, d: Tensor, lam: float) -> Tensor:
+    """``(U diag(d) U^T + lam I)^{-1}`` as a dense matrix, for an orthonormal ``U`` of any width
+    (``U [diag(1/(d+lam)) - I/lam] U^T + I/lam``, the formula behind Alg. 1 l.16-17)."""
+    coef = 1.0 / (d + lam) - 1.0 / lam
+    X = (U * coef) @ U.mT
+    X.diagonal().add_(1.0 / lam)
+    return X
+
+
+def inverse_error(X: Tensor, Y: Tensor) -> float:
+    """Metrics (1)-(2): ``||X - Y||_F / ||Y||_F`` (``Y`` the reference inverse)."""
+    return float(torch.linalg.matrix_norm(X - Y) / torch.linalg.matrix_norm(Y))
+
+
+def step_errors(s: Tensor, s_ref: Tensor) -> tuple[float, float]:
+    """Metrics (3)-(4) for dense steps: ``||s - s_ref||_F / ||s_ref||_F`` and
+    ``1 - cos(angle) = ||s/|s| - s_ref/|s_ref|||_F^2 / 2`` (no cancellation near 0)."""
+    ns, nr = torch.linalg.matrix_norm(s), torch.linalg.matrix_norm(s_ref)
+    m3 = float(torch.linalg.matrix_norm(s - s_ref) / nr)
+    m4 = float(0.5 * torch.linalg.matrix_norm(s / ns - s_ref / nr) ** 2)
+    return m3, m4
+
+
+class ReferenceInverse:
+    """The benchmark's damped inverse of one EA factor ``M`` (k-fac with ``T_inv = T_updt``):
+    ``lam = max(phi * lambda_max(M), min_damping)`` (Lanczos), ``Y = (M + lam I)^{-1}`` from the
+    Cholesky factor (float64 by default). ``apply(X) = Y X``."""
+
+    def __init__(self, M: Tensor, phi: float, *, min_damping: float = 1e-8, dtype=torch.float64,
+                 generator: torch.Generator | None = None):
+        M = M.to(dtype)
+        M = 0.5 * (M + M.mT)
+        self.lambda_max = lanczos_lambda_max(M, generator=generator)
+        self.lam = max(phi * self.lambda_max, min_damping)
+        K = M.clone()
+        K.diagonal().add_(self.lam)
+        L, info = torch.linalg.cholesky_ex(K)
+        if int(info) != 0:
+            raise FloatingPointError(
+                f"reference factor + lambda I (dim {M.shape[0]}, lambda {self.lam:.3e}) is not positive "
+                "definite in the Cholesky factorisation: the EA factor is corrupted")
+        eye = torch.eye(M.shape[0], dtype=dtype, device=M.device)
+        W = torch.linalg.solve_triangular(L, eye, upper=False)  # L^{-1}
+        self.Y = W.mT @ W
+        self.Y = 0.5 * (self.Y + self.Y.mT)
+        self.norm = float(torch.linalg.matrix_norm(self.Y))
+
+    def apply(self, X: Tensor) -> Tensor:
+        """``Y X`` in the dtype of ``X`` (a float32 ``X`` uses a float32 copy of ``Y``)."""
+        if X.dtype == self.Y.dtype:
+            return self.Y @ X
+        if getattr(self, "_Y_low", None) is None or self._Y_low.dtype != X.dtype:
+            self._Y_low = self.Y.to(X.dtype)
+        return self._Y_low @ X
+
+
+# ----------------------------------------------------------------------------------------------
+# shadows
+# ----------------------------------------------------------------------------------------------
+class _SharedEA:
+    """Mixin for a shadow: its dense EA factor is the window's (all parties receive the same
+    batches under the same rule, eq. (5)), set before each ``observe`` -- not a private copy
+    updated seven times. Never mutated in place by the inverse classes."""
+
+    _next_factor: Tensor | None = None
+
+    def _update_dense(self, batch: Tensor) -> None:  # noqa: ARG002 - the window did the update
+        self.factor = self._next_factor
+
+
+_SHADOW_CLASSES: dict[type, type] = {}
+
+
+def _shadow_class(cls: type[FactorInverse]) -> type[FactorInverse]:
+    if cls not in _SHADOW_CLASSES:
+        _SHADOW_CLASSES[cls] = type(f"Shadow{cls.__name__}", (_SharedEA, cls), {})
+    return _SHADOW_CLASSES[cls]
+
+
+def _sym(M: Tensor) -> Tensor:
+    return 0.5 * (M + M.mT)
+
+
+def _ea_update(M_prev: Tensor | None, batch: Tensor, rho: float) -> Tensor:
+    """Eq. (5) as the optimizer computes it (``FactorInverse._update_dense``), out of place."""
+    outer = batch @ batch.mT
+    if M_prev is None:
+        return outer
+    return M_prev.mul(rho).add_(outer, alpha=1.0 - rho)
+
+
+@dataclass
+class _ShadowFactor:
+    inv: FactorInverse
+    dim: int
+    cache_key: tuple | None = None
+    U: Tensor | None = None  # metric dtype, of the current representation
+    d: Tensor | None = None  # continued spectrum
+    lam: float = 0.0
+    dense: Tensor | None = None  # dense damped inverse (full-width representations only)
+    U_step: Tensor | None = None  # step dtype copies for the per-step products
+    coef_step: Tensor | None = None
+    dense_step: Tensor | None = None
+
+    def prepare(self, phi: float, min_damping: float, dtype, step_dtype) -> bool:
+        """Refresh the metric-dtype copy of the damped representation; True when it changed."""
+        U, d = self.inv.representation()
+        key = (id(U), id(d), phi)
+        if key == self.cache_key:
+            return False
+        self.cache_key = key
+        self.U = U.to(dtype)
+        self.d, self.lam = _damping(d.to(dtype), phi, min_damping)
+        self.U_step = U.to(step_dtype)
+        self.coef_step = (1.0 / (self.d + self.lam) - 1.0 / self.lam).to(step_dtype)
+        self.dense = self.dense_step = None
+        return True
+
+    def dense_inverse(self) -> Tensor:
+        return damped_dense_inverse(self.U, self.d, self.lam)
+
+    def apply(self, X: Tensor) -> Tensor:
+        """``(U diag(d) U^T + lam I)^{-1} X`` (continued, damped) in the step dtype."""
+        X = X.to(self.U_step.dtype)
+        if self.dense_step is not None:
+            return self.dense_step @ X
+        return self.U_step @ (self.coef_step[:, None] * (self.U_step.mT @ X)) + X / self.lam
+
+
+def _as_stream_j(J):
+    """``J`` is a dense ``d_G x d_A`` matrix or a pair ``(L, R)`` with ``J = L R^T``."""
+    if isinstance(J, (tuple, list)):
+        if len(J) != 2:
+            raise ValueError("J given as a factorisation must be a pair (L, R) with Mat(g) = L R^T")
+        return tuple(J)
+    if isinstance(J, Tensor) and J.dim() == 2:
+        return J
+    raise ValueError(f"J must be a matrix or a pair (L, R), got {type(J).__name__}")
+
+
+class ErrorWindow:
+    """One window of the error study on one layer (Sec. 4.2), fed step by step.
+
+    ``ErrorWindow(ea_A_prev, ea_G_prev, A0, G0, ...)`` starts the window at a step ``k0`` with
+    ``k0 % t_updt == 0``: ``ea_*_prev`` are the EA factors before that step's update (``None``
+    when ``k0 = 0``: then ``M_0 = A_0 A_0^T``, kappa(0) = 1 in eq. (5)) and ``A0``, ``G0`` the
+    batch matrices of step ``k0`` (``d x n_M``, ``A_k A_k^T`` = the batch factor). The window
+    forms the EA factors of step ``k0`` and seeds every shadow with its heaviest update (see
+    the module docstring). Then call :meth:`step` for ``j = 0, 1, 2, ...`` (window-relative):
+    at ``j > 0`` with ``j % t_updt == 0`` pass that step's ``A``, ``G``; at every step pass the
+    gradient ``J`` of the layer (dense ``d_G x d_A`` or ``(L, R)`` with ``J = L R^T``). Each call
+    returns one row per algorithm: ``step, algorithm, label, metric1..4``.
+
+    ``phi`` (damping factor) and ``epoch`` (for rank/oversampling schedules) may change per
+    step. ``rank``/``oversample`` may be epoch schedules (dicts or callables). Shadow state
+    lives in the dtype and device of the statistics; the metrics in ``metric_dtype``.
+    ``update_seconds[key]`` accumulates the time of each shadow's updates for ``j > 0``.
+    """
+
+    def __init__(
+        self,
+        ea_A_prev: Tensor | None,
+        ea_G_prev: Tensor | None,
+        A0: Tensor,
+        G0: Tensor,
+        *,
+        t_updt: int,
+        rho: float,
+        rank,
+        oversample,
+        power_iters: int,
+        phi: float,
+        epoch: int = 1,
+        algorithms: Sequence[ShadowSpec] = PAPER_ALGORITHMS,
+        seed: int = 0,
+        min_damping: float = 1e-8,
+        metric_dtype: torch.dtype = torch.float64,
+        step_dtype: torch.dtype | None = None,
+    ):
+        if isinstance(t_updt, bool) or not isinstance(t_updt, int) or t_updt < 1:
+            raise ValueError(f"t_updt must be a positive integer, got {t_updt!r}")
+        if not 0.0 < rho < 1.0:
+            raise ValueError(f"rho must lie in (0, 1), got {rho!r}")
+        if not phi > 0:
+            raise ValueError(f"phi must be positive (lambda = phi * lambda_max), got {phi!r}")
+        if not algorithms:
+            raise ValueError("algorithms must list at least one ShadowSpec")
+        keys = [a.key for a in algorithms]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"algorithm keys must be unique, got {keys}")
+        for name, M, batch in (("A", ea_A_prev, A0), ("G", ea_G_prev, G0)):
+            if not isinstance(batch, Tensor) or batch.dim() != 2:
+                raise ValueError(f"{name}0 must be a d x n_M batch matrix")
+            if M is not None and tuple(M.shape) != (batch.shape[0], batch.shape[0]):
+                raise ValueError(f"ea_{name}_prev has shape {tuple(M.shape)}, expected "
+                                 f"{(batch.shape[0], batch.shape[0])} from {name}0")
+        self.t = t_updt
+        self.rho = rho
+        self.rank = as_schedule(rank)
+        self.oversample = as_schedule(oversample)
+        self.power_iters = power_iters
+        self.algorithms = tuple(algorithms)
+        self.min_damping = min_damping
+        self.metric_dtype = metric_dtype
+        self.step_dtype = step_dtype if step_dtype is not None else A0.dtype
+        self.epoch = epoch
+        self.phi = phi
+        self.seed = seed
+        self.j = -1
+        self.ea = {"A": _ea_update(ea_A_prev, A0, rho), "G": _ea_update(ea_G_prev, G0, rho)}
+        self.update_seconds = dict.fromkeys(keys, 0.0)
+        self.ref: dict[str, ReferenceInverse] = {}
+        self._ref_phi: float | None = None
+        self._factor_metrics: dict[str, tuple[float, float]] = {}
+        self.shadows: dict[str, dict[str, _ShadowFactor]] = {}
+        prev = {"A": ea_A_prev, "G": ea_G_prev}
+        first = {"A": A0, "G": G0}
+        for i, spec in enumerate(self.algorithms):
+            self.shadows[spec.key] = {}
+            for f in ("A", "G"):
+                inv = self._make(spec, i, f, first[f].shape[0], first[f].dtype, first[f].device)
+                self._seed(inv, prev[f], first[f], self.ea[f])
+                self.shadows[spec.key][f] = _ShadowFactor(inv, first[f].shape[0])
+
+    # -- construction -----------------------------------------------------------------------
+    def _value(self, x):
+        return x(self.epoch) if callable(x) else x
+
+    def _make(self, spec: ShadowSpec, index: int, fac: str, dim: int, dtype, device) -> FactorInverse:
+        cls = INVERSE_METHODS[spec.method]
+        gen = torch.Generator(device="cpu" if device is None else device)
+        gen.manual_seed((self.seed * 1_000_003 + 7919 * index + (fac == "G")) % (2**63 - 1))
+        kw = dict(rho=self.rho, t_updt=self.t, dtype=dtype, device=device, generator=gen, **spec.kwargs(self.t))
+        if cls is not EighInverse:
+            r, ro = self._value(self.rank), self._value(self.oversample)
+            if dim <= r + ro:
+                raise ValueError(
+                    f"{spec.key}: factor {fac} of dimension {dim} is too small for rank {r} + oversampling {ro}; "
+                    "the low-rank methods need dim > rank + oversample")
+            kw.update(rank=self.rank, oversample=self.oversample, power_iters=self.power_iters)
+        inv = _shadow_class(cls)(dim, **kw)
+        inv.epoch = self.epoch
+        return inv
+
+    def _seed(self, inv: FactorInverse, M_prev: Tensor | None, batch: Tensor, M0: Tensor) -> None:
+        """The heaviest update of the algorithm at the window start (module docstring)."""
+        if isinstance(inv, BrandInverse):
+            if M_prev is None:
+                U, d = brand_update(batch.new_zeros(inv.dim, 0), batch.new_zeros(0), batch)
+            else:
+                U, d = rsvd(_sym(M_prev), inv.rank, inv.oversample, inv.power_iters, inv.generator)
+                U, d = brand_update(U, inv.rho * d, math.sqrt(1.0 - inv.rho) * batch)
+            inv.U, inv.d = U.contiguous(), d.contiguous()
+            inv.factor = M0 if inv.needs_dense else None
+        else:  # eigh / rsvd / srevd: the class's own refresh at window-relative step 0
+            inv.factor = M0
+            inv.refresh(0)
+            if inv.U is None:
+                raise RuntimeError(f"{type(inv).__name__} produced no representation at the window start")
+
+    # -- stepping ---------------------------------------------------------------------------
+    def step(self, j: int, A: Tensor | None = None, G: Tensor | None = None, J=None, *,
+             phi: float | None = None, epoch: int | None = None) -> list[dict]:
+        """Advance to window-relative step ``j`` (``j = 0`` first, then consecutive) and return
+        the metric rows of that step (see the class docstring)."""
+        if j != self.j + 1:
+            raise ValueError(f"steps must be consecutive: expected j={self.j + 1}, got {j}")
+        if J is None:
+            raise ValueError("J (the layer's gradient, dense or (L, R)) is required at every step")
+        J = _as_stream_j(J)
+        if phi is not None:
+            if not phi > 0:
+                raise ValueError(f"phi must be positive, got {phi!r}")
+            self.phi = phi
+        if epoch is not None:
+            self.epoch = epoch
+        self.j = j
+        for spec in self.algorithms:
+            for sh in self.shadows[spec.key].values():
+                sh.inv.epoch = self.epoch
+        changed = j == 0
+        if j > 0 and j % self.t == 0:
+            if A is None or G is None:
+                raise ValueError(f"step j={j} is a statistics step (multiple of t_updt={self.t}): A and G are required")
+            self._advance(j, {"A": A, "G": G})
+            changed = True
+        if changed or self._ref_phi != self.phi:
+            self._refresh_factor_metrics()
+        return self._measure(J)
+
+    def _advance(self, j: int, batch: dict[str, Tensor]) -> None:
+        new = {f: _ea_update(self.ea[f], batch[f], self.rho) for f in ("A", "G")}
+        for spec in self.algorithms:
+            t0 = time.perf_counter()
+            for f, sh in self.shadows[spec.key].items():
+                inv = sh.inv
+                inv._next_factor = new[f]
+                if inv.wants_batch(j):
+                    inv.observe(j, batch[f])
+                elif inv.needs_dense:
+                    inv.factor = new[f]
+                inv.refresh(j)
+                inv.end_step()
+            if new["A"].is_cuda:
+                torch.cuda.synchronize(new["A"].device)
+            self.update_seconds[spec.key] += time.perf_counter() - t0
+        self.ea = new
+
+    def _refresh_factor_metrics(self) -> None:
+        dt = self.metric_dtype
+        self.ref = {f: ReferenceInverse(self.ea[f], self.phi, min_damping=self.min_damping, dtype=dt)
+                    for f in ("A", "G")}
+        self._ref_phi = self.phi
+        for spec in self.algorithms:
+            errs = []
+            for f, sh in self.shadows[spec.key].items():
+                sh.prepare(self.phi, self.min_damping, dt, self.step_dtype)
+                ref = self.ref[f]
+                if sh.U.shape[1] * 2 >= sh.dim:  # full width: keep the dense inverse until it changes
+                    if sh.dense is None:
+                        sh.dense = sh.dense_inverse()
+                        sh.dense_step = sh.dense.to(self.step_dtype)
+                    D = sh.dense - ref.Y
+                else:  # D = U C U^T + I/lam - Y without keeping a d x d matrix per shadow
+                    coef = 1.0 / (sh.d + sh.lam) - 1.0 / sh.lam
+                    D = torch.addmm(-ref.Y, sh.U * coef, sh.U.mT)
+                    D.diagonal().add_(1.0 / sh.lam)
+                errs.append(float(torch.linalg.matrix_norm(D)) / ref.norm)
+            self._factor_metrics[spec.key] = (errs[0], errs[1])
+
+    def _measure(self, J) -> list[dict]:
+        # The steps s = Gamma^-1 Mat(g) A^-1 are formed and compared in the step dtype (one GEMM
+        # of inner size n per party for a factored gradient): direct differences, no
+        # difference-of-squares cancellation, so float32 rounding (~1e-7 relative) stays far
+        # below the metrics' values.
+        st = self.step_dtype
+        rows = []
+        if isinstance(J, tuple):
+            Lg, Ra = J[0].to(st), J[1].to(st)
+            s_ref = self.ref["G"].apply(Lg) @ self.ref["A"].apply(Ra).mT
+        else:
+            Jd = J.to(st)
+            s_ref = self.ref["G"].apply(self.ref["A"].apply(Jd.mT).mT)
+        for spec in self.algorithms:
+            shA, shG = self.shadows[spec.key]["A"], self.shadows[spec.key]["G"]
+            if isinstance(J, tuple):
+                s = shG.apply(Lg) @ shA.apply(Ra).mT
+            else:
+                s = shG.apply(shA.apply(Jd.mT).mT)
+            m3, m4 = step_errors(s, s_ref)
+            m1, m2 = self._factor_metrics[spec.key]
+            rows.append(dict(step=self.j, algorithm=spec.key, label=spec.label(self.t),
+                             metric1=m1, metric2=m2, metric3=m3, metric4=m4))
+        return rows
+
+    def representation(self, key: str, factor: str) -> tuple[Tensor, Tensor]:
+        """The current (undamped) representation ``(U, d)`` of shadow ``key``'s ``factor``."""
+        return self.shadows[key][factor].inv.representation()
+
+
+def add_block_averages(rows: list[dict], t_updt: int, group: Sequence[str] = ("algorithm",)) -> list[dict]:
+    """Add ``metric3_block``/``metric4_block``: the mean of metrics (3)-(4) over the ``t_updt``
+    steps of each block ``step // t_updt`` (the paper's 10-sample average, Fig. 2 caption),
+    per group (algorithm, and window/run where rows carry them). Returns the rows (updated)."""
+    acc: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        acc[tuple(r.get(g) for g in group) + (int(r["step"]) // t_updt,)].append(r)
+    for members in acc.values():
+        for m in (3, 4):
+            mean = sum(float(r[f"metric{m}"]) for r in members) / len(members)
+            for r in members:
+                r[f"metric{m}_block"] = mean
+    return rows
+
+
+def error_window_metrics(
+    ea_A_prev: Tensor | None,
+    ea_G_prev: Tensor | None,
+    stream: Iterable,
+    **window_kw,
+) -> list[dict]:
+    """Run one window on a stream of ``(A_j, G_j, J_j)`` for ``j = 0, 1, ...`` and return the
+    metric rows (with block averages). ``A_j``/``G_j`` are read at ``j % t_updt == 0`` (may be
+    ``None`` otherwise); ``J_j`` is the gradient (dense or ``(L, R)``). ``window_kw`` are those of
+    :class:`ErrorWindow` (``t_updt``, ``rho``, ``rank``, ``oversample``, ``power_iters``, ``phi``,
+    ...). The data-only core of the study: no model, no CIFAR."""
+    it = iter(stream)
+    try:
+        A0, G0, J0 = next(it)
+    except StopIteration:
+        raise ValueError("stream is empty: it needs at least the window's first step") from None
+    win = ErrorWindow(ea_A_prev, ea_G_prev, A0, G0, **window_kw)
+    rows = win.step(0, J=J0)
+    for j, (A, G, J) in enumerate(it, start=1):
+        rows += win.step(j, A, G, J)
+    return add_block_averages(rows, win.t)
+
+
+# ----------------------------------------------------------------------------------------------
+# summaries: runs -> mean curves, Table 1, orderings
+# ----------------------------------------------------------------------------------------------
+_METRIC_COLS = ("metric1", "metric2", "metric3", "metric4", "metric3_block", "metric4_block")
+
+
+def _num(rows: Iterable[dict]) -> list[dict]:
+    out = []
+    for r in rows:
+        q = dict(r)
+        for k in ("window_epoch", "step", "global_step", "seed", "n_runs"):
+            if k in q and q[k] not in (None, ""):
+                q[k] = int(float(q[k]))
+        for k in _METRIC_COLS:
+            if k in q and q[k] not in (None, ""):
+                q[k] = float(q[k])
+        out.append(q)
+    return out
+
+
+def average_runs(rows: list[dict]) -> list[dict]:
+    """Mean over runs (seeds) of every metric per (window_epoch, step, algorithm) -- "each curve
+    is the average over 5 runs" (Fig. 1) -- with ``n_runs``."""
+    rows = _num(rows)
+    acc: dict[tuple, list[dict]] = defaultdict(list)
+    order = []
+    for r in rows:
+        key = (r["window_epoch"], r["step"], r["algorithm"])
+        if key not in acc:
+            order.append(key)
+        acc[key].append(r)
+    out = []
+    for key in order:
+        members = acc[key]
+        row = dict(window_epoch=key[0], step=key[1], algorithm=key[2], label=members[0]["label"])
+        for c in _METRIC_COLS:
+            if c in members[0]:
+                row[c] = sum(m[c] for m in members) / len(members)
+        row["n_runs"] = len(members)
+        out.append(row)
+    return out
+
+
+def _series(rows: list[dict], epoch: int, algorithm: str, col: str) -> list[float]:
+    sel = sorted((r for r in rows if r["window_epoch"] == epoch and r["algorithm"] == algorithm),
+                 key=lambda r: r["step"])
+    return [r[col] for r in sel]
+
+
+def _mean(x: Sequence[float]) -> float:
+    return sum(x) / len(x) if x else float("nan")
+
+
+def table1(rows: list[dict], *, epoch: int | None = None, update_ms: dict | None = None) -> list[dict]:
+    """Table 1: per algorithm, the average of each metric over the window of ``epoch`` (default:
+    the last window epoch; the paper's Table 1 uses epoch 30), beside the paper's values.
+
+    ``t_epoch`` is left empty: the error study runs one trajectory, so it measures no time per
+    epoch of the compared optimizers (Table 2's runs do). ``fc0_update_ms_per_step`` (when
+    given) is what we do measure: the shadows' FC0 representation updates per window step
+    (excluding the start), in ms."""
+    rows = _num(rows)
+    if epoch is None:
+        epoch = max(r["window_epoch"] for r in rows)
+    algos = list(dict.fromkeys(r["algorithm"] for r in rows if r["window_epoch"] == epoch))
+    if not algos:
+        raise ValueError(f"no rows for window epoch {epoch}")
+    out = []
+    for a in algos:
+        label = next(r["label"] for r in rows if r["algorithm"] == a)
+        row = dict(algorithm=a, label=label, window_epoch=epoch)
+        for m in (1, 2, 3, 4):
+            row[f"avg_metric{m}"] = _mean(_series(rows, epoch, a, f"metric{m}"))
+        row["t_epoch"] = ""
+        row["fc0_update_ms_per_step"] = "" if not update_ms or a not in update_ms else update_ms[a]
+        paper = PAPER_TABLE1.get(a, {})
+        for m in (1, 2, 3, 4):
+            row[f"paper_metric{m}"] = paper.get(f"metric{m}", "")
+        row["paper_t_epoch"] = paper.get("t_epoch", "")
+        out.append(row)
+    return out
+
+
+def _first_exceed(series: list[float], level: float) -> int | None:
+    """First step from which the block-averaged series stays above ``level`` to the end."""
+    for i in range(len(series)):
+        if all(v > level for v in series[i:]):
+            return i
+    return None
+
+
+def check_orderings(rows: list[dict], t_updt: int) -> dict:
+    """The claims of Sec. 4.3, checked per window epoch on the (run-averaged) rows, with the
+    numbers behind each boolean and, where Table 1 allows, the paper's own verdict.
+
+    Claims (per metric m = 1..4 unless said; averages are over the window):
+
+    * ``b_r_below_r5``: b-r-kfac's average < r-kfac ``T_inv = 5t``'s ("performing a b-update is
+      almost always better than performing no update in terms of all error metrics").
+    * ``b_r_below_b``: b-r-kfac's average < b-kfac's, plus the fraction of steps where it is
+      below ("the error is better for all iterations", Prop. 3.2).
+    * ``bc_between``: b-r-kfac <= b-kfac-c <= b-kfac ("lies in between").
+    * ``r5_close_to_k5``: r-kfac ``5t`` close to k-fac ``5t``: ratio of averages in [0.8, 3.5]
+      (3.5 admits the paper's own largest ratio, 3.1 on metric 1: "only mildly larger").
+    * ``r30_grows``: r-kfac ``30t``'s mean over the last third of the window exceeds that over
+      the first third.
+    * ``r30_exceeds_b_steady``: r-kfac ``30t``'s block-averaged curve rises above b-kfac's steady
+      level (its mean over the second half of the window) and stays there; ``step`` says from
+      when (and ``skipped_updates = step / t``: "it took only 10-15 skipped inverse-updates").
+      The headline claim is on the step metrics (3)-(4).
+    * ``b_constant``: b-kfac roughly constant: its mean over the last third of the window is
+      within a factor 1.5 of that over the middle third (after the start-up transient), while
+      r-kfac ``30t``'s ratio is shown for contrast.
+    """
+    rows = _num(rows)
+    if not rows:
+        raise ValueError("no rows")
+    out: dict = {}
+    algos = set(r["algorithm"] for r in rows)
+    need = {"b-kfac", "b-r-kfac", "b-kfac-c", "r-kfac-5t", "r-kfac-30t", "k-fac-5t"}
+    missing = need - algos
+    if missing:
+        raise ValueError(f"rows lack the algorithm(s) {sorted(missing)} needed by the orderings")
+    for epoch in sorted(set(r["window_epoch"] for r in rows)):
+        col = {m: ("metric%d_block" % m if m in (3, 4) and "metric3_block" in rows[0] else f"metric{m}")
+               for m in (1, 2, 3, 4)}
+        avg = {a: {m: _mean(_series(rows, epoch, a, f"metric{m}")) for m in (1, 2, 3, 4)} for a in algos}
+        res: dict = {}
+
+        def paper(a, m):
+            return PAPER_TABLE1.get(a, {}).get(f"metric{m}")
+
+        c = {}
+        for m in (1, 2, 3, 4):
+            x, y = avg["b-r-kfac"][m], avg["r-kfac-5t"][m]
+            c[f"metric{m}"] = dict(holds=x < y, b_r_kfac=x, r_kfac_5t=y, paper_holds=paper("b-r-kfac", m) < paper("r-kfac-5t", m))
+        c["holds"] = all(v["holds"] for k, v in c.items() if k.startswith("metric"))
+        res["b_r_below_r5"] = c
+
+        c = {}
+        for m in (1, 2, 3, 4):
+            br, b = _series(rows, epoch, "b-r-kfac", f"metric{m}"), _series(rows, epoch, "b-kfac", f"metric{m}")
+            frac = sum(1 for u, v in zip(br, b) if u < v) / len(br)
+            c[f"metric{m}"] = dict(holds=avg["b-r-kfac"][m] < avg["b-kfac"][m], fraction_of_steps_below=frac,
+                                   b_r_kfac=avg["b-r-kfac"][m], b_kfac=avg["b-kfac"][m],
+                                   paper_holds=paper("b-r-kfac", m) < paper("b-kfac", m))
+        c["holds"] = all(v["holds"] for k, v in c.items() if k.startswith("metric"))
+        res["b_r_below_b"] = c
+
+        c = {}
+        for m in (1, 2, 3, 4):
+            br, bc, b = avg["b-r-kfac"][m], avg["b-kfac-c"][m], avg["b-kfac"][m]
+            pb = (paper("b-r-kfac", m), paper("b-kfac-c", m), paper("b-kfac", m))
+            c[f"metric{m}"] = dict(holds=br <= bc <= b, b_r_kfac=br, b_kfac_c=bc, b_kfac=b,
+                                   paper_holds=pb[0] <= pb[1] <= pb[2])
+        c["holds"] = all(v["holds"] for k, v in c.items() if k.startswith("metric"))
+        res["bc_between"] = c
+
+        c = {}
+        for m in (1, 2, 3, 4):
+            ratio = avg["r-kfac-5t"][m] / avg["k-fac-5t"][m] if avg["k-fac-5t"][m] > 0 else float("inf")
+            pr = paper("r-kfac-5t", m) / paper("k-fac-5t", m)
+            c[f"metric{m}"] = dict(holds=0.8 <= ratio <= 3.5, ratio=ratio, r_kfac_5t=avg["r-kfac-5t"][m],
+                                   k_fac_5t=avg["k-fac-5t"][m], paper_ratio=pr)
+        c["holds"] = all(v["holds"] for k, v in c.items() if k.startswith("metric"))
+        c["criterion"] = "0.8 <= avg(r-kfac 5t) / avg(k-fac 5t) <= 3.5 on each metric"
+        res["r5_close_to_k5"] = c
+
+        c = {}
+        for m in (1, 2, 3, 4):
+            s = _series(rows, epoch, "r-kfac-30t", col[m])
+            third = max(len(s) // 3, 1)
+            first, last = _mean(s[:third]), _mean(s[-third:])
+            c[f"metric{m}"] = dict(holds=last > first, first_third=first, last_third=last,
+                                   growth=last / first if first > 0 else float("inf"))
+        c["holds"] = all(v["holds"] for k, v in c.items() if k.startswith("metric"))
+        res["r30_grows"] = c
+
+        c = {}
+        for m in (1, 2, 3, 4):
+            b = _series(rows, epoch, "b-kfac", col[m])
+            r30 = _series(rows, epoch, "r-kfac-30t", col[m])
+            level = _mean(b[len(b) // 2:])
+            i = _first_exceed(r30, level)
+            c[f"metric{m}"] = dict(holds=i is not None, b_kfac_steady=level, step=i,
+                                   skipped_updates=None if i is None else i / t_updt,
+                                   r_kfac_30t_end=r30[-1] if r30 else None)
+        c["holds"] = c["metric3"]["holds"] and c["metric4"]["holds"]
+        c["criterion"] = ("r-kfac 30t's block-averaged curve rises above b-kfac's mean over the second half of "
+                          "the window and stays above (holds: on both step metrics 3 and 4)")
+        res["r30_exceeds_b_steady"] = c
+
+        c = {}
+        for m in (1, 2, 3, 4):
+            out_m = {}
+            for a in ("b-kfac", "r-kfac-30t"):
+                s = _series(rows, epoch, a, col[m])
+                third = max(len(s) // 3, 1)
+                mid, last = _mean(s[third:2 * third]), _mean(s[-third:])
+                out_m[a] = last / mid if mid > 0 else float("inf")
+            c[f"metric{m}"] = dict(holds=1 / 1.5 <= out_m["b-kfac"] <= 1.5,
+                                   b_kfac_last_over_middle=out_m["b-kfac"],
+                                   r_kfac_30t_last_over_middle=out_m["r-kfac-30t"])
+        c["holds"] = all(v["holds"] for k, v in c.items() if k.startswith("metric"))
+        c["criterion"] = "mean over the last third / mean over the middle third of b-kfac's curve in [1/1.5, 1.5]"
+        res["b_constant"] = c
+        out[f"epoch_{epoch}"] = res
+    return out
+
+
+def format_orderings(orderings: dict) -> str:
+    """A short text report of :func:`check_orderings` (one line per claim and window)."""
+    lines = []
+    for ep, res in orderings.items():
+        if not ep.startswith("epoch_"):
+            continue
+        lines.append(f"window at {ep.replace('_', ' ')}:")
+        for claim, c in res.items():
+            per = []
+            for m in (1, 2, 3, 4):
+                v = c.get(f"metric{m}")
+                if v is None:
+                    continue
+                extra = ""
+                if claim == "r30_exceeds_b_steady" and v["step"] is not None:
+                    extra = f"@{v['step']}"
+                elif claim == "r5_close_to_k5":
+                    extra = f"({v['ratio']:.2f})"
+                elif claim == "r30_grows":
+                    extra = f"(x{v['growth']:.2f})"
+                per.append(f"m{m}={'T' if v['holds'] else 'F'}{extra}")
+            lines.append(f"  {claim:<22} {'HOLDS' if c['holds'] else 'fails':<6} " + " ".join(per))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# figures
+# ----------------------------------------------------------------------------------------------
+def plot_error_study(metrics_rows: list[dict], path=None, *, metrics: Sequence[int] = (1, 2),
+                     block_average: bool = True):
+    """Figure 1 (``metrics=(1, 2)``) or Figure 2 (``metrics=(3, 4)``): one row per window epoch,
+    one column per metric, one curve per algorithm, log-scale y, FC layer 0. Step metrics use
+    the ``t_updt``-block averages when ``block_average`` (Fig. 2 caption). Saves to ``path``
+    when given; returns the :class:`matplotlib.figure.Figure`."""
+    import matplotlib.pyplot as plt
+
+    rows = _num(metrics_rows)
+    if not rows:
+        raise ValueError("metrics_rows is empty")
+    for m in metrics:
+        if m not in METRIC_NAMES:
+            raise ValueError(f"metrics must be among 1..4, got {m!r}")
+    epochs = sorted(set(r["window_epoch"] for r in rows))
+    algos = list(dict.fromkeys(r["algorithm"] for r in rows))
+    labels = {r["algorithm"]: r["label"] for r in rows}
+    fig, axes = plt.subplots(len(epochs), len(metrics), figsize=(5.2 * len(metrics), 3.4 * len(epochs)),
+                             squeeze=False, sharex=True)
+    cmap = plt.get_cmap("tab10")
+    for i, ep in enumerate(epochs):
+        for jx, m in enumerate(metrics):
+            ax = axes[i][jx]
+            col = f"metric{m}_block" if (block_average and m in (3, 4) and "metric3_block" in rows[0]) else f"metric{m}"
+            for c, a in enumerate(algos):
+                sel = sorted((r for r in rows if r["window_epoch"] == ep and r["algorithm"] == a), key=lambda r: r["step"])
+                if not sel:
+                    continue
+                y = [max(r[col], 1e-16) for r in sel]
+                ax.plot([r["step"] for r in sel], y, label=labels[a], color=cmap(c % 10), lw=1.3)
+            ax.set_yscale("log")
+            ax.set_title(f"FC layer 0, epoch {ep}: ({m}) {METRIC_NAMES[m]}", fontsize=9)
+            if i == len(epochs) - 1:
+                ax.set_xlabel("step in window")
+            ax.grid(True, which="both", alpha=0.25)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=130)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# the study on the network
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ErrorStudyResult:
+    profile: str
+    rows: list[dict]  # run-averaged metrics.csv rows
+    run_rows: list[dict]
+    table: list[dict]
+    orderings: dict
+    config: dict
+    out_dir: Path | None = None
+    files: dict = field(default_factory=dict)
+
+
+def _kfac_hyper(profile: Profile, name: str) -> dict:
+    opt, hyper, _ = profile.resolve_run(name)
+    full = paper_defaults(opt)
+    if "lr" in hyper and "lr_schedule" not in hyper:
+        full.pop("lr_schedule", None)
+    full.update(hyper)
+    return full
+
+
+def _window_starts(window_epochs: Sequence[int], batches: int, t: int) -> dict[int, int]:
+    return {e: -(-((e - 1) * batches) // t) * t for e in window_epochs}
+
+
+def _trajectory(profile: Profile, seed: int, *, dev: torch.device, data_dir, drive: str, t: int,
+                window: int, window_epochs: Sequence[int], layer: str, progress: bool,
+                algorithms: Sequence[ShadowSpec]) -> tuple[list[dict], dict]:
+    """One training trajectory with the windows' shadows; returns (rows, diagnostics)."""
+    from tqdm.auto import tqdm
+
+    tr = profile.train
+    arrays = load_cifar10(data_dir)
+    if profile.data["n_train"] is not None or profile.data["n_test"] is not None:
+        arrays = subset(arrays, profile.data["n_train"] or arrays.n_train, profile.data["n_test"] or arrays.n_test, seed=0)
+    train_loader, _ = make_loaders(arrays, batch_size=tr["batch_size"], test_batch_size=tr["test_batch_size"],
+                                   seed=seed, device=dev)
+    torch.manual_seed(seed)
+    model = build_model(profile.model).to(dev)
+    module = getattr(model, layer, None)
+    if not isinstance(module, torch.nn.Linear):
+        raise ValueError(f"error_study.layer={layer!r} is not a Linear layer of the profile's model")
+
+    if drive == "reference":
+        opt_name, hyper = "k-fac", _kfac_hyper(profile, "k-fac")
+        hyper.update(t_updt=t, t_inv=t)
+    else:
+        opt_name, _, _ = profile.resolve_run(drive)
+        hyper = _kfac_hyper(profile, drive)
+    if opt_name not in ("k-fac", "r-kfac", "sre-kfac", "b-kfac", "b-r-kfac", "b-kfac-c"):
+        raise ValueError(f"drive={drive!r} resolves to {opt_name!r}; the error study needs a K-FAC-family driver")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # BatchNorm gets SGD (listed by describe())
+        opt = make_optimizer(opt_name, model, **hyper)
+    lc = next((L.capture for L in opt.layers if L.capture.module is module), None)
+    if lc is None:
+        raise ValueError(f"layer {layer!r} is not captured by the driver")
+    ref_layer = next(L for L in opt.layers if L.capture is lc)
+    shadow_hyper = _kfac_hyper(profile, "r-kfac")
+    rho = hyper["rho"]
+    phi_sched = as_schedule(hyper["damping_phi"])
+    min_damping = hyper.get("min_damping", 1e-8)
+    dtype = hyper.get("factor_dtype") or module.weight.dtype
+    reduction = opt.capture.reduction
+
+    batches = len(train_loader)
+    if tr["max_batches_per_epoch"]:
+        batches = min(batches, tr["max_batches_per_epoch"])
+    starts = _window_starts(window_epochs, batches, t)
+    last = max(starts.values()) + window - 1
+    diag: dict = dict(seed=seed, batches_per_epoch=batches, window_starts={str(e): k for e, k in starts.items()},
+                      last_step=last, ea_check={}, J_form={}, update_ms_per_step={}, seconds={})
+    ea = {"A": None, "G": None}
+    active: dict[int, ErrorWindow] = {}
+    rows: list[dict] = []
+    k, epoch = 0, 1
+    t_start = time.perf_counter()
+    t_metrics = 0.0
+    bar = tqdm(total=last + 1, desc=f"error study {profile.name} seed {seed}", disable=not progress, mininterval=2.0)
+    model.train()
+    while k <= last:
+        opt.set_epoch(epoch)
+        train_loader.set_epoch(epoch)
+        it = train_loader.iter_from(0)
+        for _ in range(batches):
+            if k > last:
+                break
+            x, y = next(it)
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            if not math.isfinite(float(loss.detach())):
+                raise FloatingPointError(f"error study: non-finite training loss at step {k}")
+            loss.backward()
+            starting = [e for e, k0 in starts.items() if k0 == k]
+            stats_step = k % t == 0
+            if stats_step or active or starting:
+                A, G, scale = lc.batch_matrices(reduction, dtype)
+            phi = float(phi_sched(epoch)) if callable(phi_sched) else float(phi_sched)
+            tm = time.perf_counter()
+            for e in starting:
+                Jd = lc.grad_matrix().to(dtype)
+                err = float(torch.linalg.matrix_norm(Jd - scale * (G @ A.mT)) / torch.linalg.matrix_norm(Jd))
+                factored = err < 1e-4
+                diag["J_form"][str(e)] = dict(factored=factored, rel_diff=err)
+                win = ErrorWindow(ea["A"], ea["G"], A, G, t_updt=t, rho=rho, rank=shadow_hyper["rank"],
+                                  oversample=shadow_hyper["oversample"], power_iters=shadow_hyper["power_iters"],
+                                  phi=phi, epoch=epoch, algorithms=algorithms, seed=seed * 101 + e,
+                                  min_damping=min_damping)
+                win.k0, win.window_epoch, win.factored = k, e, factored
+                active[e] = win
+            for e, win in list(active.items()):
+                j = k - win.k0
+                J = (scale * G, A) if win.factored else lc.grad_matrix().to(dtype)
+                new = win.step(j, A if j % t == 0 else None, G if j % t == 0 else None, J, phi=phi, epoch=epoch)
+                for r in new:
+                    r.update(window_epoch=e, global_step=k, seed=seed)
+                rows += new
+                if j == window - 1:
+                    diag["update_ms_per_step"][str(e)] = {a: 1000.0 * s / max(window - 1, 1)
+                                                          for a, s in win.update_seconds.items()}
+                    del active[e]
+            t_metrics += time.perf_counter() - tm
+            if stats_step:
+                ea = {"A": _ea_update(ea["A"], A, rho), "G": _ea_update(ea["G"], G, rho)}
+            opt.step()
+            if starting and drive == "reference":  # our statistics stream is the benchmark's
+                for f, inv in (("A", ref_layer.inv_A), ("G", ref_layer.inv_G)):
+                    if inv is not None and inv.factor is not None:
+                        diff = float((inv.factor - ea[f]).abs().max() / ea[f].abs().max())
+                        diag["ea_check"].setdefault(str(k), {})[f] = diff
+                        if diff > 1e-5:
+                            raise RuntimeError(f"error study: our EA factor {f} differs from the driver's at step {k} "
+                                               f"(relative {diff:.2e}); the statistics streams disagree")
+            k += 1
+            bar.update(1)
+        epoch += 1
+    bar.close()
+    diag["seconds"] = dict(total=time.perf_counter() - t_start, metrics_and_shadows=t_metrics)
+    opt.remove_hooks()
+    return rows, diag
+
+
+def run_error_study(
+    profile: Profile,
+    *,
+    seed: int = 0,
+    device: str | None = None,
+    data_dir: str | None = None,
+    out_root: str | None = None,
+    progress: bool = True,
+    drive: str = "reference",
+    repeats: int | None = None,
+    window: int | None = None,
+    window_epochs: Sequence[int] | None = None,
+    algorithms: Sequence[ShadowSpec] = PAPER_ALGORITHMS,
+) -> ErrorStudyResult:
+    """The error study of Sec. 4.2-4.3 with ``profile.error_study`` (see the module docstring).
+
+    ``repeats`` runs with seeds ``seed, seed+1, ...`` (default: the profile's); ``window`` and
+    ``window_epochs`` override the profile's (to cut CPU time; recorded in ``config.json``);
+    ``drive`` picks the trajectory (``"reference"`` = k-fac with ``T_inv = T_updt``, the paper's).
+    Writes the files listed in the module docstring under
+    ``<out_root or data/results>/<profile>/error_study/`` and prints the orderings."""
+    from .train import resolve_device
+
+    es = profile.error_study
+    t = es["t_updt"]
+    window = window if window is not None else es["window"]
+    window_epochs = list(window_epochs if window_epochs is not None else es["window_epochs"])
+    repeats = repeats if repeats is not None else es["repeats"]
+    for name, v in (("t_updt", t), ("window", window), ("repeats", repeats)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"error_study {name} must be a positive integer, got {v!r}")
+    if not window_epochs or not all(isinstance(e, int) and e >= 1 for e in window_epochs):
+        raise ValueError(f"window_epochs must be positive integers (1-indexed epochs), got {window_epochs!r}")
+    dev = resolve_device(device, profile)
+    out_dir = results_dir(profile.name, out_root) / "error_study"
+    all_rows: list[dict] = []
+    diags = []
+    for i in range(repeats):
+        rows, diag = _trajectory(profile, seed + i, dev=dev, data_dir=data_dir, drive=drive, t=t, window=window,
+                                 window_epochs=window_epochs, layer=es["layer"], progress=progress,
+                                 algorithms=algorithms)
+        all_rows += rows
+        diags.append(diag)
+        if progress:
+            print(f"[{profile.name}] error study run {i + 1}/{repeats} (seed {seed + i}): "
+                  f"{diag['seconds']['total']:.0f} s", flush=True)
+    add_block_averages(all_rows, t, group=("seed", "window_epoch", "algorithm"))
+    mean_rows = average_runs(all_rows)
+    last_epoch = max(window_epochs)
+    upd = defaultdict(list)
+    for dg in diags:
+        for a, v in dg["update_ms_per_step"].get(str(last_epoch), {}).items():
+            upd[a].append(v)
+    update_ms = {a: sum(v) / len(v) for a, v in upd.items()}
+    tab = table1(mean_rows, epoch=last_epoch, update_ms=update_ms)
+    orderings = check_orderings(mean_rows, t)
+    config = dict(profile=profile.name, seeds=[seed + i for i in range(repeats)], drive=drive, t_updt=t,
+                  window=window, window_epochs=window_epochs, layer=es["layer"], device=str(dev),
+                  overrides={k: v for k, v in (("window", window), ("window_epochs", window_epochs),
+                                               ("repeats", repeats)) if v != es[k]},
+                  algorithms={a.key: a.label(t) for a in algorithms}, torch=torch.__version__, runs=diags)
+    cols = ["window_epoch", "step", "algorithm", "label", "metric1", "metric2", "metric3", "metric4",
+            "metric3_block", "metric4_block", "n_runs"]
+    files = dict(
+        metrics=write_csv(out_dir / "metrics.csv", mean_rows, cols),
+        metrics_runs=write_csv(out_dir / "metrics_runs.csv", all_rows,
+                               ["seed", "window_epoch", "step", "global_step", "algorithm", "label", "metric1",
+                                "metric2", "metric3", "metric4", "metric3_block", "metric4_block"]),
+        table1=write_csv(out_dir / "table1.csv", tab),
+        orderings=write_json(out_dir / "orderings.json", orderings),
+        config=write_json(out_dir / "config.json", config),
+    )
+    print(format_orderings(orderings), flush=True)
+    return ErrorStudyResult(profile.name, mean_rows, all_rows, tab, orderings, config, out_dir, files)
+
+
+def load_error_study(profile: str, out_root: str | None = None) -> tuple[list[dict], list[dict], dict]:
+    """Read a written study back: ``(metrics rows, table1 rows, orderings)`` (numbers converted)."""
+    import json
+
+    d = results_dir(profile, out_root) / "error_study"
+    rows = _num(read_csv(d / "metrics.csv"))
+    tab = read_csv(d / "table1.csv")
+    with open(d / "orderings.json") as f:
+        orderings = json.load(f)
+    return rows, tab, orderings
