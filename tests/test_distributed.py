@@ -32,6 +32,7 @@ WORLD = 2
 STEPS = 10
 CKPT = 5
 PG_TIMEOUT = 30.0
+HANG_TIMEOUT = 3.0
 
 COMMON = dict(lr=0.05, weight_decay=1e-3, momentum=0.5, damping_phi=0.1, rank=16, oversample=4, power_iters=2,
               t_updt=1, t_inv=3, seed=7)
@@ -44,13 +45,13 @@ METHODS = {
 }
 
 
-def make_model():
+def make_model(device="cpu"):
     """Conv (A: d=28 -> r-kfac path; G: eigh) and a wide FC layer (d=257 > n_M + r -> B-updates)."""
     torch.manual_seed(0)
     return nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
         nn.Linear(4 * 8 * 8, 32), nn.ReLU(), nn.Linear(32, 10),
-    ).double()
+    ).double().to(device)
 
 
 def batch(k):
@@ -68,8 +69,9 @@ def build(name, model, comm=None):
 
 
 def run(model, opt, start, stop, rank=None):
+    device = next(model.parameters()).device
     for k in range(start, stop):
-        x, y = batch(k)
+        x, y = (t.to(device) for t in batch(k))
         if rank is not None:
             x, y = x[rank * N_LOCAL:(rank + 1) * N_LOCAL], y[rank * N_LOCAL:(rank + 1) * N_LOCAL]
         opt.zero_grad()
@@ -81,10 +83,10 @@ def params(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def single_process(name):
+def single_process(name, device="cpu"):
     """Reference: one process, LocalComm, the concatenated batch. Returns the final parameters,
     the per-factor update counts, and a checkpoint at step CKPT."""
-    model = make_model()
+    model = make_model(device)
     opt = build(name, model)
     run(model, opt, 0, CKPT)
     ckpt = copy.deepcopy({"model": params(model), "opt": opt.state_dict()})  # state_dict() aliases live tensors
@@ -94,11 +96,11 @@ def single_process(name):
     return params(model), updates, methods, ckpt
 
 
-def _train_worker(rank, names, ckpts):
+def _train_worker(rank, names, ckpts, device="cpu"):
     out = {}
     for name in names:
         _, use_ddp = METHODS[name]
-        model = make_model()
+        model = make_model(device)
         net = nn.parallel.DistributedDataParallel(model) if use_ddp else model
         comm = TorchDistributedComm()
         opt = build(name, net, comm)
@@ -111,7 +113,7 @@ def _train_worker(rank, names, ckpts):
             if not comm.is_owner((L.capture.name, f)) and inv.factor is not None
         ]
         # resume the one-process checkpoint of step CKPT on this world size
-        model2 = make_model()
+        model2 = make_model(device)
         model2.load_state_dict(ckpts[name]["model"])
         net2 = nn.parallel.DistributedDataParallel(model2) if use_ddp else model2
         comm2 = TorchDistributedComm()
@@ -135,18 +137,16 @@ def _max_diff(a, b):
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.mark.timeout(240)
-def test_two_ranks_equal_one_process_and_sharding():
-    names = list(METHODS)
+def _check_two_ranks(names, device):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: extra threads only contend with the ranks
     try:
-        refs = {name: single_process(name) for name in names}
+        refs = {name: single_process(name, device) for name in names}
     finally:
         torch.set_num_threads(threads)
     ckpts = {name: refs[name][3] for name in names}
     t0 = time.perf_counter()
-    out = launch(_train_worker, WORLD, names, ckpts, timeout=PG_TIMEOUT, threads=1)
+    out = launch(_train_worker, WORLD, names, ckpts, device, timeout=PG_TIMEOUT, threads=1)
     print(f"2-rank run: {time.perf_counter() - t0:.1f}s")
     for name in names:
         ref_params, ref_updates, ref_methods, _ = refs[name]
@@ -175,7 +175,7 @@ def test_two_ranks_equal_one_process_and_sharding():
         assert r0["dense_elsewhere"] == [] and r1["dense_elsewhere"] == [], (name, r0["dense_elsewhere"])
         # 3. checkpoint of the 2-rank run (gathered on rank 0) resumes in one process
         assert r1["full"] is None
-        model = make_model()
+        model = make_model(device)
         model.load_state_dict(r0["model_at_ckpt"])
         opt = build(name, model)
         load_full_state_dict(opt, r0["full"])
@@ -186,10 +186,37 @@ def test_two_ranks_equal_one_process_and_sharding():
             assert _max_diff(r["resumed"], ref_params) < 1e-8, name
 
 
+@pytest.mark.timeout(240)
+def test_two_ranks_equal_one_process_and_sharding():
+    _check_two_ranks(list(METHODS), "cpu")
+
+
+def _nccl_worker(rank):
+    comm = TorchDistributedComm()
+    model = make_model("cuda")
+    opt = build("b-r-kfac", model, comm)
+    run(model, opt, 0, STEPS)  # world size 1: the whole batch
+    return dict(device=str(comm.device), backend=comm.backend, params=params(model))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.timeout(240)
+def test_cuda_two_gloo_ranks_and_nccl():
+    """On a CUDA machine: 2 gloo ranks with the model on the GPU (the comm stages through the
+    CPU) match one process; nccl (one rank per GPU; here one) runs and matches too."""
+    _check_two_ranks(["b-kfac", "b-r-kfac"], "cuda")
+    (res,) = launch(_nccl_worker, 1, backend="nccl", timeout=PG_TIMEOUT)
+    assert res["backend"] == "nccl" and res["device"].startswith("cuda"), res
+    model = make_model("cuda")
+    opt = build("b-r-kfac", model)
+    run(model, opt, 0, STEPS)
+    assert _max_diff(res["params"], params(model)) < 1e-8
+
+
 def test_assignment_is_greedy_lpt_and_deterministic():
     costs = {("a", "A"): 10.0, ("a", "G"): 1.0, ("b", "A"): 7.0, ("b", "G"): 5.0, ("c", "A"): 4.0}
     a = assign_factors(costs, 2)
-    # LPT by hand: 10 -> r0; 7 -> r1; 5 -> r1 (7 < 10); 4 -> r0 (10 < 12); 1 -> r0 (14 > 12? no: r1 has 12) -> r1
+    # LPT by hand: 10 -> r0; 7 -> r1; 5 -> r1 (7 < 10); 4 -> r0 (10 < 12); 1 -> r1 (12 < 14)
     assert a == {("a", "A"): 0, ("b", "A"): 1, ("b", "G"): 1, ("c", "A"): 0, ("a", "G"): 1}
     assert assign_factors(costs, 2) == a
     assert set(assign_factors(costs, 1).values()) == {0}
@@ -233,7 +260,7 @@ def _failing_worker(rank, mode):
         if rank == 1 and k == 2:
             if mode == "raise":
                 raise RuntimeError("injected failure on rank 1")
-            time.sleep(3 * 4.0)  # 'hang' longer than the process group's timeout, then leave
+            time.sleep(HANG_TIMEOUT + 2.0)  # 'hang' longer than the process group's timeout, then leave
             raise RuntimeError("rank 1 woke up after hanging")
         run(model, opt, k, k + 1, rank)
     return "finished"
@@ -271,7 +298,7 @@ def test_failing_rank_ends_every_rank():
     errors = info.value.errors
     assert sorted(errors) == [0, 1], errors
     assert errors[1][0] == "RuntimeError" and "injected failure on rank 1" in errors[1][1]
-    assert errors[0][0] == "CommunicationError" and "another rank probably failed" in errors[0][1], errors[0]
+    assert errors[0][0] == CommunicationError.__name__ and "another rank probably failed" in errors[0][1], errors[0]
     assert elapsed < PG_TIMEOUT  # the peer's exit is noticed at once, not after the timeout
 
 
@@ -279,9 +306,30 @@ def test_failing_rank_ends_every_rank():
 def test_hanging_rank_times_out():
     t0 = time.perf_counter()
     with pytest.raises(DistributedLaunchError) as info:
-        launch(_failing_worker, 2, "hang", timeout=4.0)
+        launch(_failing_worker, 2, "hang", timeout=HANG_TIMEOUT)
     elapsed = time.perf_counter() - t0
     errors = info.value.errors
     assert sorted(errors) == [0, 1], errors
-    assert errors[0][0] == "CommunicationError", errors[0]
+    # rank 0 gave up on its own, by the process group's timeout, while rank 1 was still asleep
+    assert errors[0][0] == CommunicationError.__name__ and "Timed out" in errors[0][1], errors[0]
+    assert errors[1][0] == "RuntimeError" and "woke up" in errors[1][1]
     assert elapsed < 40, elapsed
+
+
+def _gather_worker(rank):
+    comm = TorchDistributedComm()  # not bound to an optimizer: exchanges the column counts per call
+    g = torch.Generator().manual_seed(rank)
+    M = torch.randn(5, 3 + 2 * rank, dtype=torch.float64, generator=g)  # ranks with 3 and 5 columns
+    return comm.gather_columns(M)
+
+
+@pytest.mark.timeout(60)
+def test_gather_columns_with_uneven_batches():
+    out = launch(_gather_worker, 2, timeout=PG_TIMEOUT)
+    blocks = [torch.randn(5, 3 + 2 * r, dtype=torch.float64, generator=torch.Generator().manual_seed(r))
+              for r in range(2)]
+    expected = torch.cat(blocks, dim=1) / 2**0.5  # [M_1 M_2] / sqrt(W): M M^T = mean of the ranks' factors
+    for got in out:
+        assert got.shape == (5, 8)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        torch.testing.assert_close(got @ got.mT, 0.5 * sum(b @ b.mT for b in blocks))

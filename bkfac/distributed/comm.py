@@ -137,7 +137,18 @@ def hyperparameters(optimizer) -> dict:
     }
     for key, value in sorted(opt.method_kw.items()):
         rows[key] = value
-    return {k: repr(v) for k, v in rows.items()}
+    return {k: _canon(v) for k, v in rows.items()}
+
+
+def _canon(v) -> str:
+    """A repr that is equal on every rank for equal settings (a plain function's repr holds
+    its address: use its qualified name)."""
+    from ..optim.schedules import EpochSchedule
+
+    if callable(v) and not isinstance(v, (EpochSchedule, type)):
+        name = getattr(v, "__qualname__", None) or type(v).__qualname__
+        return f"<callable {getattr(v, '__module__', '?')}.{name}>"
+    return repr(v)
 
 
 class TorchDistributedComm:
@@ -187,6 +198,7 @@ class TorchDistributedComm:
         self._assignment: dict | None = None
         self._checked_assignment = False
         self._seen: dict = {}  # key -> (id(inv), inv.updates) after the last sync
+        self._uniform = False  # this step's captured shapes agree on every rank
         self.update_counts: dict = {}
         self.max_computers = 0
         self.seconds = {"gather": 0.0, "sync": 0.0, "gradients": 0.0, "checkpoint": 0.0}
@@ -292,13 +304,16 @@ class TorchDistributedComm:
             return M
         t0 = time.perf_counter()
         rows = M.mT.to(self.device).contiguous()  # n_r x d: the contiguous side of a batch matrix
-        sizes = torch.tensor([rows.shape[0], rows.shape[1]], dtype=torch.int64, device=self.device)
-        all_sizes = [torch.empty_like(sizes) for _ in range(self.world_size)]
-        self._collective("all_gather(batch sizes)", dist.all_gather, all_sizes, sizes, group=self.group)
-        counts = [int(s[0]) for s in all_sizes]
-        dims = {int(s[1]) for s in all_sizes}
-        if len(dims) != 1:
-            raise ValueError(f"rank {self.rank}: batch matrices have different row counts across ranks: {sorted(dims)}")
+        if self._uniform:  # this step's captured shapes agree on every rank (see all_reduce_gradients)
+            counts = [rows.shape[0]] * self.world_size
+        else:
+            sizes = torch.tensor([rows.shape[0], rows.shape[1]], dtype=torch.int64, device=self.device)
+            all_sizes = [torch.empty_like(sizes) for _ in range(self.world_size)]
+            self._collective("all_gather(batch sizes)", dist.all_gather, all_sizes, sizes, group=self.group)
+            counts = [int(s[0]) for s in all_sizes]
+            dims = {int(s[1]) for s in all_sizes}
+            if len(dims) != 1:
+                raise ValueError(f"rank {self.rank}: batch matrices have different row counts across ranks: {sorted(dims)}")
         top = max(counts)
         if rows.shape[0] < top:
             rows = torch.cat([rows, rows.new_zeros(top - rows.shape[0], rows.shape[1])])
@@ -311,10 +326,19 @@ class TorchDistributedComm:
         return out
 
     def all_reduce_gradients(self, params) -> None:
-        """Average ``p.grad`` over the ranks (one all-reduce per dtype); a no-op with DDP."""
-        if self.world_size == 1 or not self.average_gradients:
+        """Average ``p.grad`` over the ranks (one all-reduce per dtype); a no-op with DDP.
+
+        Called first in every step, it also all-gathers the shapes of this step's captured
+        layer inputs and output gradients (one small collective): when they agree on every
+        rank, :meth:`gather_columns` skips its per-call exchange of batch sizes.
+        """
+        if self.world_size == 1:
             return
         t0 = time.perf_counter()
+        self._exchange_shapes()
+        if not self.average_gradients:
+            self.seconds["gradients"] += time.perf_counter() - t0
+            return
         by_dtype: dict = {}
         for p in params:
             if p.grad is not None:
@@ -329,6 +353,20 @@ class TorchDistributedComm:
                 g.copy_(flat[offset: offset + g.numel()].view_as(g))
                 offset += g.numel()
         self.seconds["gradients"] += time.perf_counter() - t0
+
+    def _exchange_shapes(self) -> None:
+        self._uniform = False
+        if self.optimizer is None:
+            return
+        sig = []
+        for L in self.optimizer.layers:
+            for t in (L.capture.inputs, L.capture.grad_outputs):
+                shape = list(t.shape) if t is not None else []
+                sig += (shape + [-1] * 6)[:6] + [len(shape)]
+        sig = torch.tensor(sig or [0], dtype=torch.int64, device=self.device)
+        parts = [torch.empty_like(sig) for _ in range(self.world_size)]
+        self._collective("all_gather(captured shapes)", dist.all_gather, parts, sig, group=self.group)
+        self._uniform = all(torch.equal(p, parts[0]) for p in parts[1:])
 
     def sync_representations(self, invs: dict) -> None:
         """Give every rank the owners' ``(U, d)`` of the factors updated this step.
@@ -396,6 +434,7 @@ class TorchDistributedComm:
                     inv.updates = updates
         for key in keys:
             self._seen[key] = (id(invs[key]), invs[key].updates)
+        self._uniform = False  # the step's gathers are over
         self.seconds["sync"] += time.perf_counter() - t0
 
     def _computed(self, key, inv) -> tuple[bool, bool]:

@@ -218,7 +218,8 @@ def launch(fn, nproc: int, *args, backend: str = "gloo", timeout: float = 120.0,
         raise ValueError(f"start_method must be 'spawn' or 'forkserver', got {start_method!r}")
     ctx = mp.get_context(start_method)
     if start_method == "forkserver":
-        ctx.set_forkserver_preload(["torch", "bkfac", "bkfac.distributed"])
+        # torch._dynamo: torch.optim.Optimizer.__init__ imports it lazily (seconds per process)
+        ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.nn.parallel", "bkfac", "bkfac.distributed"])
     results = ctx.Queue()
     port = free_port()
     # Arguments travel as torch.save bytes: pickling tensors through a multiprocessing queue
