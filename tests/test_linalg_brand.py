@@ -315,6 +315,20 @@ def test_brand_update_float32(kind, path, monkeypatch):
     assert float(d_new.min()) >= 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (extra check of the CUDA eigh route)")
+def test_brand_update_float32_cuda():
+    """On CUDA the small EVD runs in float64 (torch's float32 route there is cuSOLVER's syevj)."""
+    g = _gen(41)
+    U = _orthonormal(3000, 200, g)
+    d = _spectrum(200, g)
+    A = torch.randn(3000, 60, dtype=DT, generator=g)
+    U_new, d_new = brand_update(U.float().cuda(), d.float().cuda(), A.float().cuda())
+    U_new, d_new = U_new.double().cpu(), d_new.double().cpu()
+    assert float((U_new.mT @ U_new - torch.eye(260, dtype=DT)).abs().max()) <= 1e-5
+    X = (U * d) @ U.mT + A @ A.mT
+    assert float(torch.linalg.matrix_norm((U_new * d_new) @ U_new.mT - X) / torch.linalg.matrix_norm(X)) <= 1e-5
+
+
 def test_orthonormal_extension_identity():
     """Lines 3-4 of Alg. 3: ``A = U C + Q R`` with ``[U Q]`` orthonormal, also when rank deficient."""
     g = _gen(6)

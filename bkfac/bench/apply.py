@@ -108,57 +108,65 @@ def bench_apply(
     for d_A in dims:
         if r > min(d_A, d_G):
             raise ValueError(f"dims: rank r={r} exceeds d_A={d_A} or d_G={d_G}")
-        L = make_layer(d_A, d_G, n, r, dtype=dtype, device=device, seed=seed + d_A)
-        UA, dA, UG, dG, A, G, lamA, lamG = (L[k] for k in ("UA", "dA", "UG", "dG", "A", "G", "lamA", "lamG"))
-        J = G @ A.mT
         log(f"[apply] d_A={d_A}, d_G={d_G}: timing ...", flush=True)
-        res = {}
-
-        def alg8_pre():
-            return linear_time_factors(G, A, UA, dA, lamA, UG, dG, lamG)
-
-        def alg8_total():
-            G_hat, A_hat = linear_time_factors(G, A, UA, dA, lamA, UG, dG, lamG)
-            return G_hat @ A_hat.mT
-
-        def lowrank_pre():
-            return kfac_precondition(J, UA, dA, lamA, UG, dG, lamG)
-
-        def lowrank_total():
-            return kfac_precondition(G @ A.mT, UA, dA, lamA, UG, dG, lamG)
-
-        fns = {"alg8": (alg8_pre, alg8_total), "lowrank": (lowrank_pre, lowrank_total)}
-        if d_A <= dense_max_dim:
-            Ainv = _dense_inverse(UA, dA, lamA)
-            Ginv = _dense_inverse(UG, dG, lamG)
-            fns["dense"] = (lambda: Ginv @ J @ Ainv, lambda: Ginv @ (G @ A.mT) @ Ainv)
-        flat = {}
-        for method, (pre, total) in fns.items():
-            flat[f"{method}:pre"] = pre
-            flat[f"{method}:total"] = total
-        timings = time_interleaved(flat, device=device, repeats=repeats, budget_s=budget_s, keep=True)
-        for method in fns:
-            t_pre, t_tot = timings[f"{method}:pre"], timings[f"{method}:total"]
-            res[method] = (t_pre, t_tot, t_tot.result)
-            t_pre.result = t_tot.result = None
-            log(f"[apply]   {LABELS[method]:18s} precondition {t_pre.median:9.4f}s  total {t_tot.median:9.4f}s",
-                flush=True)
-        S_ref = res["lowrank"][2]
-        ref_norm = float(torch.linalg.matrix_norm(S_ref))
-        for method, (t_pre, t_tot, S) in res.items():
-            peak = max(t_pre.peak_bytes, t_tot.peak_bytes) if device.type == "cuda" else float("nan")
-            rows.append({
-                "d_A": d_A, "d_G": d_G, "n": n, "r": r, "method": method,
-                "precondition_s": t_pre.median, "total_s": t_tot.median,
-                "precondition_ratio_to_alg8": t_pre.median / res["alg8"][0].median,
-                "total_ratio_to_alg8": t_tot.median / res["alg8"][1].median,
-                "runs": len(t_pre.runs),
-                "rel_diff_vs_lowrank": float(torch.linalg.matrix_norm(S - S_ref)) / ref_norm,
-                "peak_bytes": peak, "dtype": str(dtype).replace("torch.", ""), "device": str(device), "threads": torch.get_num_threads(),
-            })
-        del L, UA, dA, UG, dG, A, G, J, res, fns, flat, timings
+        rows += _bench_one(d_A, d_G, n, r, dtype, device, repeats, d_A <= dense_max_dim, seed + d_A, budget_s, log)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    return rows
+
+
+def _bench_one(d_A, d_G, n, r, dtype, device, repeats, dense, seed, budget_s, log) -> list[dict]:
+    """The rows of one ``d_A`` (a function of its own so every tensor is freed on return)."""
+    L = make_layer(d_A, d_G, n, r, dtype=dtype, device=device, seed=seed)
+    UA, dA, UG, dG, A, G = L["UA"], L["dA"], L["UG"], L["dG"], L["A"], L["G"]
+    lamA, lamG = L["lamA"], L["lamG"]
+    J = G @ A.mT
+
+    def alg8_pre():
+        return linear_time_factors(G, A, UA, dA, lamA, UG, dG, lamG)
+
+    def alg8_total():
+        G_hat, A_hat = linear_time_factors(G, A, UA, dA, lamA, UG, dG, lamG)
+        return G_hat @ A_hat.mT
+
+    def lowrank_pre():
+        return kfac_precondition(J, UA, dA, lamA, UG, dG, lamG)
+
+    def lowrank_total():
+        return kfac_precondition(G @ A.mT, UA, dA, lamA, UG, dG, lamG)
+
+    fns = {"alg8": (alg8_pre, alg8_total), "lowrank": (lowrank_pre, lowrank_total)}
+    if dense:
+        Ainv = _dense_inverse(UA, dA, lamA)
+        Ginv = _dense_inverse(UG, dG, lamG)
+        fns["dense"] = (lambda: Ginv @ J @ Ainv, lambda: Ginv @ (G @ A.mT) @ Ainv)
+    flat = {}
+    for method, (pre, total) in fns.items():
+        flat[f"{method}:pre"] = pre
+        flat[f"{method}:total"] = total
+    timings = time_interleaved(flat, device=device, repeats=repeats, budget_s=budget_s, keep=True)
+    res = {}
+    for method in fns:
+        t_pre, t_tot = timings[f"{method}:pre"], timings[f"{method}:total"]
+        res[method] = (t_pre, t_tot, t_tot.result)
+        t_pre.result = t_tot.result = None
+        log(f"[apply]   {LABELS[method]:18s} precondition {t_pre.median:9.4f}s  total {t_tot.median:9.4f}s",
+            flush=True)
+    S_ref = res["lowrank"][2]
+    ref_norm = float(torch.linalg.matrix_norm(S_ref))
+    rows = []
+    for method, (t_pre, t_tot, S) in res.items():
+        peak = max(t_pre.peak_bytes, t_tot.peak_bytes) if device.type == "cuda" else float("nan")
+        rows.append({
+            "d_A": d_A, "d_G": d_G, "n": n, "r": r, "method": method,
+            "precondition_s": t_pre.median, "total_s": t_tot.median,
+            "precondition_ratio_to_alg8": t_pre.median / res["alg8"][0].median,
+            "total_ratio_to_alg8": t_tot.median / res["alg8"][1].median,
+            "runs": len(t_pre.runs),
+            "rel_diff_vs_lowrank": float(torch.linalg.matrix_norm(S - S_ref)) / ref_norm,
+            "peak_bytes": peak, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+            "threads": torch.get_num_threads(),
+        })
     return rows
 
 

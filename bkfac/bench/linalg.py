@@ -155,47 +155,57 @@ def bench_linalg(
         t0 = time.perf_counter()
         prob = build_problem(dim, n, r, rho=rho, ea_steps=ea_steps, dtype=dtype, device=device, seed=seed + dim)
         log(f"[linalg] dim={dim}: factor built in {time.perf_counter() - t0:.1f}s; timing ...", flush=True)
-        M, U, d, A = prob["M"], prob["U"], prob["d"], prob["A"]
-        c = math.sqrt(1 - rho)
-
-        def bupdate():
-            Ur, dr = truncate(U, d, r)
-            return brand_update(Ur, rho * dr, c * A)
-
-        fns = {
-            "bupdate": bupdate,
-            "rsvd": lambda: rsvd(M, r, oversample, power_iters),
-            "srevd": lambda: srevd(M, r, oversample, power_iters),
-            "eigh": lambda: safe_eigh(M),
-        }
-        if dim > eigh_max_dim:
-            del fns["eigh"]
-        timings = time_interleaved(fns, device=device, repeats=repeats, budget_s=budget_s, keep=True)
-        results = {}
-        for method, timing in timings.items():
-            if method == "eigh":  # (evals, evecs) ascending -> (U, d) descending
-                do, Uo = timing.result
-                Uo, do = Uo.flip(1), do.flip(0)
-            else:
-                Uo, do = timing.result
-            timing.result = None
-            results[method] = (timing, (Uo, do))
-            log(f"[linalg]   {LABELS[method]:8s} {timing.median:9.4f}s (runs {len(timing.runs)})", flush=True)
-        ref = results["eigh"][1][1] if "eigh" in results else results["srevd"][1][1]
-        base = results["bupdate"][0].median
-        for method, (timing, (Uo, do)) in results.items():
-            # the B-update keeps only its representation; the others also keep the dense factor
-            state = tensor_bytes(Uo, do) if method == "bupdate" else tensor_bytes(M, Uo, do)
-            rows.append({
-                "dim": dim, "method": method, "seconds": timing.median, "min_seconds": timing.min,
-                "runs": len(timing.runs), "ratio_to_bupdate": timing.median / base, "state_bytes": state,
-                "peak_bytes": timing.peak_bytes, "top_eig_rel_diff": _top_diff(do, ref), "n": n, "r": r,
-                "q": q if method in ("rsvd", "srevd") else "", "power_iters": power_iters if method in ("rsvd", "srevd") else "",
-                "dtype": str(dtype).replace("torch.", ""), "device": str(device), "threads": torch.get_num_threads(),
-            })
-        del prob, M, U, d, A, results, fns, timings
+        rows += _bench_one(prob, dim, n, r, oversample, power_iters, dim <= eigh_max_dim, dtype, device, repeats,
+                           budget_s, log)
+        del prob
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    return rows
+
+
+def _bench_one(prob, dim, n, r, oversample, power_iters, with_eigh, dtype, device, repeats, budget_s, log):
+    """The rows of one ``dim`` (a function of its own so every tensor is freed on return)."""
+    M, U, d, A, rho = prob["M"], prob["U"], prob["d"], prob["A"], prob["rho"]
+    c = math.sqrt(1 - rho)
+    q = r + oversample
+
+    def bupdate():
+        Ur, dr = truncate(U, d, r)
+        return brand_update(Ur, rho * dr, c * A)
+
+    fns = {
+        "bupdate": bupdate,
+        "rsvd": lambda: rsvd(M, r, oversample, power_iters),
+        "srevd": lambda: srevd(M, r, oversample, power_iters),
+    }
+    if with_eigh:
+        fns["eigh"] = lambda: safe_eigh(M)
+    timings = time_interleaved(fns, device=device, repeats=repeats, budget_s=budget_s, keep=True)
+    results = {}
+    for method, timing in timings.items():
+        if method == "eigh":  # (evals, evecs) ascending -> (U, d) descending
+            do, Uo = timing.result
+            Uo, do = Uo.flip(1), do.flip(0)
+        else:
+            Uo, do = timing.result
+        timing.result = None
+        results[method] = (timing, (Uo, do))
+        log(f"[linalg]   {LABELS[method]:8s} {timing.median:9.4f}s (runs {len(timing.runs)})", flush=True)
+    ref = results["eigh"][1][1] if "eigh" in results else results["srevd"][1][1]
+    base = results["bupdate"][0].median
+    rows = []
+    for method, (timing, (Uo, do)) in results.items():
+        randomized = method in ("rsvd", "srevd")
+        # the B-update keeps only its representation; the others also keep the dense factor
+        state = tensor_bytes(Uo, do) if method == "bupdate" else tensor_bytes(M, Uo, do)
+        rows.append({
+            "dim": dim, "method": method, "seconds": timing.median, "min_seconds": timing.min,
+            "runs": len(timing.runs), "ratio_to_bupdate": timing.median / base, "state_bytes": state,
+            "peak_bytes": timing.peak_bytes, "top_eig_rel_diff": _top_diff(do, ref), "n": n, "r": r,
+            "q": q if randomized else "", "power_iters": power_iters if randomized else "",
+            "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+            "threads": torch.get_num_threads(),
+        })
     return rows
 
 
