@@ -79,6 +79,9 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads (default: torch's choice); 1 gives steadier numbers on a "
                         "shared, oversubscribed machine")
     parser.add_argument("--no-figure", action="store_true", help="do not write the matplotlib figure")
+    parser.add_argument("--profile", default=None,
+                        help="run profile whose model/hyper-parameters the step and peer parts use "
+                        "(their default: cpu)")
 
 
 def _resolve(part: str):
