@@ -81,7 +81,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-figure", action="store_true", help="do not write the matplotlib figure")
     parser.add_argument("--profile", default=None,
                         help="run profile whose model/hyper-parameters the step and peer parts use "
-                        "(their default: cpu)")
+                        "(their default: cpu; smoke with --quick; paper on CUDA)")
 
 
 def _resolve(part: str):
