@@ -333,3 +333,22 @@ def test_gather_columns_with_uneven_batches():
         assert got.shape == (5, 8)
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
         torch.testing.assert_close(got @ got.mT, 0.5 * sum(b @ b.mT for b in blocks))
+
+
+@pytest.mark.timeout(120)
+def test_bench_distributed_quick(tmp_path):
+    """``bkfac bench distributed``'s measurement runs on 1 and 2 ranks and fills every column
+    (no timing is asserted)."""
+    from bkfac.bench.common import write_csv_atomic
+    from bkfac.bench.distributed import PHASES, ROW_COLUMNS, bench_distributed
+
+    rows = bench_distributed(configs=((1, 1), (2, 1)), quick=True, steps=1, methods=("sgd", "b-kfac"))
+    assert [(r["method"], r["world_size"]) for r in rows] == [("sgd", 1), ("b-kfac", 1), ("sgd", 2), ("b-kfac", 2)]
+    for r in rows:
+        assert r["local_batch"] * r["world_size"] == r["global_batch"]
+        assert all(r[f"{p}_s"] >= 0 for p in PHASES) and r["step_s"] > 0 and r["samples_per_s"] > 0
+        if r["method"] == "b-kfac":
+            assert "brand" in r["methods"] and r["inverse_s"] > 0 and r["statistics_s"] > 0
+            assert (r["comm_s"] > 0) == (r["world_size"] > 1) and r["balance"] >= 1.0
+    path = write_csv_atomic(tmp_path / "distributed.csv", rows, ROW_COLUMNS)
+    assert path.read_text().splitlines()[0].split(",") == ROW_COLUMNS

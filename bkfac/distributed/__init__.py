@@ -10,6 +10,12 @@ Usage inside each process (``launch`` spawns them on one machine; under ``torchr
     ...                                                           # each rank: global_batch / world
     full = gather_state_dict(opt)                                 # collective; the full dict on rank 0
 
+On one machine, ``launch(fn, nproc, *args)`` runs ``fn(rank, *args)`` in ``nproc`` processes
+(loopback, a free port, a process-group timeout) and returns their results; under torchrun
+(``torchrun --nproc-per-node N -m bkfac train ...``) each process calls :func:`init_distributed`,
+which reads ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` from the environment.
+Split the global batch with :func:`check_batch` (``ValueError`` unless W divides it).
+
 With equal per-rank batches, ``W`` ranks with batch ``n`` each follow the same trajectory as
 one process with batch ``W n`` (up to rounding): see ``tests/test_distributed.py``.
 """
