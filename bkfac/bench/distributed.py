@@ -122,7 +122,7 @@ def _worker(rank: int, cfg: dict) -> list[dict]:
             row["balance"] = max(load) / (sum(load) / world)
         else:
             row["balance"] = 1.0
-        row["methods"] = "" if method == "sgd" else " ".join(sorted({r["method"] for r in opt.describe()}))
+        row["methods"] = "" if method == "sgd" else " ".join(sorted({r["method"] for r in opt.describe() if r["kind"] != "unsupported"}))
         row.update(method=method, world_size=world, threads=torch.get_num_threads(), steps=cfg["steps"],
                    global_batch=cfg["global_batch"], local_batch=local)
         rows.append(row)
