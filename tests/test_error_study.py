@@ -332,3 +332,18 @@ def test_smoke_run_writes_all_outputs(tmp_path, monkeypatch, one_thread, capsys)
     assert all(d <= 1e-6 for step in run["ea_check"].values() for d in step.values())
     assert "window at epoch 2" in capsys.readouterr().out
     assert len(read_csv(out / "metrics_runs.csv")) == len(rows)
+
+
+def test_run_error_study_rejects_bad_arguments(tmp_path, monkeypatch):
+    from bkfac.experiments.profiles import load_profile
+
+    data = _synthetic_cifar()
+    monkeypatch.setattr(es, "load_cifar10", lambda data_dir=None, **kw: data)
+    prof = load_profile("smoke")
+    with pytest.raises(ValueError, match="K-FAC-family driver"):
+        es.run_error_study(prof, drive="sgd", out_root=str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match="window_epochs"):
+        es.run_error_study(prof, window_epochs=[0], out_root=str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match="window must be a positive"):
+        es.run_error_study(prof, window=0, out_root=str(tmp_path), progress=False)
+    assert not (tmp_path / "smoke" / "error_study").exists()

@@ -74,14 +74,16 @@ small factors), then the Cholesky factor ``L`` of ``M + lambda I`` in float64 an
 party: ``lambda = max(phi * lambda_max, min_damping)``, spectrum continuation for the
 shadows (an identity transformation for full-width representations).
 
-Cost of the metrics. Metrics (1)-(2) need dense ``d x d`` differences, ``O(d^2 w)`` per shadow
-of width ``w``, every ``t`` steps (cached for full-width representations between their
-refreshes). For (3)-(4) we use the factored gradient of a Linear layer,
-``Mat(g) = scale * G_k A_k^T`` (eq. (20), the identity behind Alg. 8; checked against autograd's
-gradient at each window start, with a dense fallback), so each step is ``s = P Q^T`` with
-``P = Gamma^{-1} G_k`` and ``Q = A^{-1} A_k`` (``n`` columns), and the norms and the cosine
-come from ``n x n`` Gram matrices: ``O(d w n)`` per shadow per step. All metric arithmetic is
-float64; shadows work in the dtype of the statistics (float32 in training, as the optimizers).
+Cost and precision of the metrics. Metrics (1)-(2) need dense ``d x d`` differences,
+``O(d^2 w)`` per shadow of width ``w``, every ``t`` steps (cached for full-width representations
+between their refreshes), in float64. For (3)-(4) we use the factored gradient of a Linear
+layer, ``Mat(g) = scale * G_k A_k^T`` (eq. (20), the identity behind Alg. 8; checked against
+autograd's gradient at each window start, with a dense fallback): each step is
+``s = (Gamma^{-1} G_k)(A^{-1} A_k)^T``, ``O(d w n)`` per shadow plus one ``d_G x d_A`` product of
+inner size ``n``, formed in the dtype of the statistics (``step_dtype``; float32 in training,
+as the optimizers) and compared by direct differences -- ``1 - cos = ||s/|s| - s_ref/|s_ref|||^2 / 2``
+-- so float32 rounding (~1e-7 relative) stays far below the metrics' values (>= 1e-4 in the
+paper). Shadows work in the dtype of the statistics too.
 
 The trajectory (``drive``). ``"reference"`` (default, the paper): k-fac with the profile's
 k-fac hyper-parameters and ``T_updt = T_inv = t``. Another K-FAC-family run of the profile
@@ -388,10 +390,11 @@ class _ShadowFactor:
     def prepare(self, phi: float, min_damping: float, dtype, step_dtype) -> bool:
         """Refresh the metric-dtype copy of the damped representation; True when it changed."""
         U, d = self.inv.representation()
-        key = (id(U), id(d), phi)
-        if key == self.cache_key:
+        # the key holds the tensors themselves: compared by identity, never a recycled id()
+        if self.cache_key is not None and self.cache_key[0] is U and self.cache_key[1] is d \
+                and self.cache_key[2] == phi:
             return False
-        self.cache_key = key
+        self.cache_key = (U, d, phi)
         self.U = U.to(dtype)
         self.d, self.lam = _damping(d.to(dtype), phi, min_damping)
         self.U_step = U.to(step_dtype)
@@ -990,8 +993,9 @@ def _window_starts(window_epochs: Sequence[int], batches: int, t: int) -> dict[i
 
 def _trajectory(profile: Profile, seed: int, *, dev: torch.device, data_dir, drive: str, t: int,
                 window: int, window_epochs: Sequence[int], layer: str, progress: bool,
-                algorithms: Sequence[ShadowSpec]) -> tuple[list[dict], dict]:
-    """One training trajectory with the windows' shadows; returns (rows, diagnostics)."""
+                algorithms: Sequence[ShadowSpec], on_window_done=None) -> tuple[list[dict], dict]:
+    """One training trajectory with the windows' shadows; returns (rows, diagnostics).
+    ``on_window_done(rows, diag)`` is called after each window closes (partial results)."""
     from tqdm.auto import tqdm
 
     tr = profile.train
@@ -1041,7 +1045,7 @@ def _trajectory(profile: Profile, seed: int, *, dev: torch.device, data_dir, dri
     k, epoch = 0, 1
     t_start = time.perf_counter()
     t_metrics = 0.0
-    bar = tqdm(total=last + 1, desc=f"error study {profile.name} seed {seed}", disable=not progress, mininterval=2.0)
+    bar = tqdm(total=last + 1, desc=f"error study {profile.name} seed {seed}", disable=not progress, mininterval=10.0)
     model.train()
     while k <= last:
         opt.set_epoch(epoch)
@@ -1084,6 +1088,9 @@ def _trajectory(profile: Profile, seed: int, *, dev: torch.device, data_dir, dri
                     diag["update_ms_per_step"][str(e)] = {a: 1000.0 * s / max(window - 1, 1)
                                                           for a, s in win.update_seconds.items()}
                     del active[e]
+                    if on_window_done is not None:
+                        diag["seconds"] = dict(so_far=time.perf_counter() - t_start, metrics_and_shadows=t_metrics)
+                        on_window_done(rows, diag)
             t_metrics += time.perf_counter() - tm
             if stats_step:
                 ea = {"A": _ea_update(ea["A"], A, rho), "G": _ea_update(ea["G"], G, rho)}
@@ -1140,20 +1147,38 @@ def run_error_study(
         raise ValueError(f"window_epochs must be positive integers (1-indexed epochs), got {window_epochs!r}")
     dev = resolve_device(device, profile)
     out_dir = results_dir(profile.name, out_root) / "error_study"
+    config = dict(profile=profile.name, seeds=[seed + i for i in range(repeats)], drive=drive, t_updt=t,
+                  window=window, window_epochs=window_epochs, layer=es["layer"], device=str(dev),
+                  overrides={k: v for k, v in (("window", window), ("window_epochs", window_epochs),
+                                               ("repeats", repeats)) if v != es[k]},
+                  algorithms={a.key: a.label(t) for a in algorithms}, torch=torch.__version__,
+                  torch_threads=torch.get_num_threads())
     all_rows: list[dict] = []
-    diags = []
+    diags: list[dict] = []
+
+    def partial(rows, diag):  # write what the finished windows give, marked incomplete
+        done = {int(e) for e in diag["update_ms_per_step"]}
+        rows = [r for r in rows if r["window_epoch"] in done]
+        _write_outputs(out_dir, all_rows + rows, diags + [diag], dict(config, complete=False), t, echo=False)
+
     for i in range(repeats):
         rows, diag = _trajectory(profile, seed + i, dev=dev, data_dir=data_dir, drive=drive, t=t, window=window,
                                  window_epochs=window_epochs, layer=es["layer"], progress=progress,
-                                 algorithms=algorithms)
+                                 algorithms=algorithms, on_window_done=partial)
         all_rows += rows
         diags.append(diag)
         if progress:
             print(f"[{profile.name}] error study run {i + 1}/{repeats} (seed {seed + i}): "
                   f"{diag['seconds']['total']:.0f} s", flush=True)
+    return _write_outputs(out_dir, all_rows, diags, dict(config, complete=True), t, echo=True)
+
+
+def _write_outputs(out_dir: Path, all_rows: list[dict], diags: list[dict], config: dict, t: int,
+                   echo: bool) -> ErrorStudyResult:
+    all_rows = [dict(r) for r in all_rows]
     add_block_averages(all_rows, t, group=("seed", "window_epoch", "algorithm"))
     mean_rows = average_runs(all_rows)
-    last_epoch = max(window_epochs)
+    last_epoch = max(r["window_epoch"] for r in mean_rows)
     upd = defaultdict(list)
     for dg in diags:
         for a, v in dg["update_ms_per_step"].get(str(last_epoch), {}).items():
@@ -1161,11 +1186,7 @@ def run_error_study(
     update_ms = {a: sum(v) / len(v) for a, v in upd.items()}
     tab = table1(mean_rows, epoch=last_epoch, update_ms=update_ms)
     orderings = check_orderings(mean_rows, t)
-    config = dict(profile=profile.name, seeds=[seed + i for i in range(repeats)], drive=drive, t_updt=t,
-                  window=window, window_epochs=window_epochs, layer=es["layer"], device=str(dev),
-                  overrides={k: v for k, v in (("window", window), ("window_epochs", window_epochs),
-                                               ("repeats", repeats)) if v != es[k]},
-                  algorithms={a.key: a.label(t) for a in algorithms}, torch=torch.__version__, runs=diags)
+    config = dict(config, runs=diags)
     cols = ["window_epoch", "step", "algorithm", "label", "metric1", "metric2", "metric3", "metric4",
             "metric3_block", "metric4_block", "n_runs"]
     files = dict(
@@ -1177,8 +1198,9 @@ def run_error_study(
         orderings=write_json(out_dir / "orderings.json", orderings),
         config=write_json(out_dir / "config.json", config),
     )
-    print(format_orderings(orderings), flush=True)
-    return ErrorStudyResult(profile.name, mean_rows, all_rows, tab, orderings, config, out_dir, files)
+    if echo:
+        print(format_orderings(orderings), flush=True)
+    return ErrorStudyResult(config["profile"], mean_rows, all_rows, tab, orderings, config, out_dir, files)
 
 
 def load_error_study(profile: str, out_root: str | None = None) -> tuple[list[dict], list[dict], dict]:
