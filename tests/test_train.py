@@ -117,3 +117,26 @@ def test_profile_validation(tmp_path):
             load_profile(str(path))
     for name in ("smoke", "cpu", "paper"):
         assert load_profile(name).name == name
+
+
+def test_data_parallel_train_two_processes(tmp_path, monkeypatch):
+    """``bkfac train --nproc 2`` (gloo, loopback) trains on a PNG tree and rank 0 writes the results."""
+    from PIL import Image
+
+    data = synthetic_cifar(n_train=640, n_test=200)
+    root = tmp_path / "cifar"
+    for split, xs, ys in (("train", data.train_x, data.train_y), ("test", data.test_x, data.test_y)):
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            folder = root / split / CIFAR10_CLASSES[int(y)]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x.permute(1, 2, 0).numpy()).save(folder / f"{i:05d}.png")
+    monkeypatch.setenv("BKFAC_CACHE_DIR", str(tmp_path / "cache"))
+    rc = main(["train", "--profile", "smoke", "--optimizer", "b-kfac", "--nproc", "2", "--epochs", "1",
+               "--data-dir", str(root), "--out", str(tmp_path / "res"), "--quiet"])
+    assert rc == 0
+    out = tmp_path / "res" / "smoke" / "b-kfac" / "seed0"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs_run"] == 1
+    assert 0.0 <= summary["final_test_acc"] <= 1.0
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ck["world_size"] == 2 and "kfac" in ck["optimizer"]

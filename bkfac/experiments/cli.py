@@ -30,11 +30,22 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "seng, sgd) or 'all' (default: b-kfac)")
     p.add_argument("--epochs", type=int, default=None, help="override the profile's number of epochs")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes on this machine (gloo on CPU, nccl on CUDA); under torchrun "
+                        "(torchrun --nproc-per-node N -m bkfac train ...) leave it at 1")
 
 
 def run_train(args) -> int:
-    from .train import train_run
+    import os
 
+    from .train import train_distributed, train_run
+
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
+        from ..distributed import init_distributed
+
+        init_distributed()
     profile = load_profile(args.profile)
     runs = profile.run_names() if args.optimizer == "all" else [args.optimizer]
     for run in runs:
@@ -42,6 +53,12 @@ def run_train(args) -> int:
     seeds = [args.seed] if args.seed is not None else profile.train["seeds"][:1]
     for run in runs:
         for seed in seeds:
+            if args.nproc > 1:
+                s = train_distributed(args.profile, run, args.nproc, seed=seed, device=args.device,
+                                      data_dir=args.data_dir, out_root=args.out, resume=args.resume,
+                                      epochs=args.epochs, progress=not args.quiet)
+                print(f"{run} on {args.nproc} processes: final test acc {s.get('final_test_acc', float('nan')):.4f}")
+                continue
             res = train_run(profile, run, seed=seed, device=args.device, data_dir=args.data_dir, out_root=args.out,
                             resume=args.resume, epochs=args.epochs, progress=not args.quiet)
             s = res.summary

@@ -8,6 +8,14 @@ target accuracy. A checkpoint is written at the end of every epoch; ``resume=Tru
 restarts from the last one and, since the data order, the augmentation and every random
 number generator are restored, finishes with the same numbers as an uninterrupted run.
 
+Data-parallel (``bkfac train --nproc N`` or under ``torchrun``): with a process group
+initialised, every rank draws the same global batches and trains on its ``1/W`` share; the
+model is wrapped in ``DistributedDataParallel`` (gradient averaging; BatchNorm buffers from
+rank 0); the K-FAC family gets a :class:`~bkfac.distributed.TorchDistributedComm` (global
+K-factor statistics, each factor's inverse work on one rank). Rank 0 evaluates, writes the
+results and the checkpoint (:func:`~bkfac.distributed.gather_state_dict`), which resumes on
+any number of processes. SENG's curvature is then each rank's own (local batch).
+
 Outputs under ``data/results/<profile>/<run>/seed<k>/`` (atomic writes):
 ``history.csv`` (one row per epoch), ``summary.json`` (times/epochs to targets, t_epoch),
 ``checkpoint.pt`` (latest epoch). Timing excludes evaluation on the test set, as the paper's
@@ -136,30 +144,51 @@ def train_run(
     without writing that epoch."""
     from tqdm.auto import tqdm
 
+    import torch.distributed as tdist
+
     dev = resolve_device(device, profile)
     opt_name, hyper, label = profile.resolve_run(run)
+    distributed = tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+    rank, world = (tdist.get_rank(), tdist.get_world_size()) if distributed else (0, 1)
+    lead = rank == 0
+    progress = progress and lead
     t = profile.train
     n_epochs = epochs or t["epochs"]
     out_dir = results_dir(profile.name, out_root) / run / f"seed{seed}"
     ckpt_path = out_dir / "checkpoint.pt"
 
-    arrays = load_cifar10(data_dir)
-    if profile.data["n_train"] is not None or profile.data["n_test"] is not None:
+    partial = profile.data["n_train"] is not None or profile.data["n_test"] is not None
+    # a subset profile (smoke) accepts any copy large enough for its subset
+    arrays = load_cifar10(data_dir, expected_counts=None) if partial else load_cifar10(data_dir)
+    if partial:
         arrays = subset(arrays, profile.data["n_train"] or arrays.n_train, profile.data["n_test"] or arrays.n_test, seed=0)
     train_loader, test_loader = make_loaders(arrays, batch_size=t["batch_size"], test_batch_size=t["test_batch_size"],
                                              seed=seed, device=dev)
     torch.manual_seed(seed)
     model = build_model(profile.model).to(dev)
+    net = model  # what the optimizer and the training forward see
+    if distributed:
+        from ..distributed import TorchDistributedComm, check_batch
+
+        check_batch(t["batch_size"], world)
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        if opt_name not in ("sgd", "seng"):
+            hyper = {**hyper, "comm": TorchDistributedComm(device=dev)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unsupported layers (BatchNorm) get SGD: listed by describe()
-        opt = make_optimizer(opt_name, model, **hyper)
+        opt = make_optimizer(opt_name, net, **hyper)
     history: list[dict] = []
     start_epoch = 1
     train_seconds = 0.0
     if resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
         model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+        if distributed and hasattr(opt, "comm"):
+            from ..distributed import load_full_state_dict
+
+            load_full_state_dict(opt, ck["optimizer"])
+        else:
+            opt.load_state_dict(ck["optimizer"])
         history = ck["history"]
         _set_rng_state(ck["rng"], dev)
         start_epoch = ck["epoch"] + 1
@@ -188,8 +217,10 @@ def train_run(
             x, y = next(it)
             _sync(dev)
             t1 = time.perf_counter()
+            if distributed:  # this rank's share of the global batch
+                x, y = x.chunk(world)[rank], y.chunk(world)[rank]
             opt.zero_grad(set_to_none=True)
-            logits = model(x)
+            logits = net(x)
             if getattr(opt, "fisher", "empirical") == "mc" and opt.wants_statistics():
                 opt.capture.sampled_fisher_backward(logits)
             loss = F.cross_entropy(logits, y)
@@ -224,15 +255,47 @@ def train_run(
         if progress:
             print(f"[{profile.name}] {label} seed {seed} epoch {epoch}: test acc {acc:.4f}, "
                   f"loss {test_loss:.4f}, {epoch_seconds:.1f} s", flush=True)
-        write_csv(out_dir / "history.csv", history)
-        atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history,
-                           "epoch": epoch, "rng": _rng_state(dev)}, ckpt_path)
+        if distributed and hasattr(opt, "comm"):
+            from ..distributed import gather_state_dict
+
+            opt_state = gather_state_dict(opt)  # collective: every rank takes part
+        else:
+            opt_state = opt.state_dict()
+        if lead:
+            write_csv(out_dir / "history.csv", history)
+            atomic_torch_save({"model": model.state_dict(), "optimizer": opt_state, "history": history,
+                               "epoch": epoch, "rng": _rng_state(dev), "world_size": world}, ckpt_path)
     result.summary = summarize(history, t["targets"])
     result.summary.update(profile=profile.name, run=run, label=label, optimizer=opt_name, seed=seed,
                           device=str(dev), torch=torch.__version__, machine=platform.processor() or platform.machine(),
-                          batches_per_epoch=batches)
-    write_json(out_dir / "summary.json", result.summary)
+                          batches_per_epoch=batches, world_size=world)
+    if lead:
+        write_json(out_dir / "summary.json", result.summary)
     return result
+
+
+def _train_worker(rank: int, kwargs: dict) -> dict:
+    """One rank of ``bkfac train --nproc N`` (the process group is set up by ``launch``)."""
+    from .profiles import load_profile
+
+    kwargs = dict(kwargs)
+    profile = load_profile(kwargs.pop("profile"))
+    res = train_run(profile, kwargs.pop("run"), **kwargs)
+    return res.summary
+
+
+def train_distributed(profile: str, run: str, nproc: int, **kwargs) -> dict:
+    """Train with ``nproc`` local processes (gloo on CPU, nccl with one GPU per process);
+    returns rank 0's summary."""
+    from ..distributed import launch
+    from .profiles import load_profile
+
+    p = load_profile(profile)
+    dev = resolve_device(kwargs.get("device"), p)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    results = launch(_train_worker, nproc, dict(profile=profile, run=run, **kwargs), backend=backend,
+                     timeout=600.0, global_batch=p.train["batch_size"])
+    return results[0]
 
 
 def load_history(profile: str, run: str, seed: int = 0, out_root: str | None = None) -> list[dict]:
