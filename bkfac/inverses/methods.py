@@ -108,6 +108,10 @@ class FactorInverse:
     def refresh(self, k: int) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def symmetric_factor(self) -> Tensor:
+        """The dense EA factor, symmetrised against rounding (``(M + M^T) / 2``)."""
+        return 0.5 * (self.factor + self.factor.mT)
+
     def representation(self) -> tuple[Tensor, Tensor]:
         if self.U is None:
             raise RuntimeError(f"{type(self).__name__}: no representation yet (no statistics observed)")
@@ -140,20 +144,26 @@ def _value(x, epoch: int):
     return x(epoch) if callable(x) else x
 
 
-class EighInverse(FactorInverse):
-    """k-fac: exact ``eigh`` of the dense EA factor every ``t_inv`` steps (Martens and Grosse 2015)."""
-
-    method = "eigh"
+class _Recompute:
+    """Mixin: recompute the representation from the dense factor every ``t_inv`` steps."""
 
     def __init__(self, dim: int, *, t_inv: int = 1, **kw):
         super().__init__(dim, **kw)
         check_positive_int("t_inv", t_inv)
         self.t_inv = t_inv
 
+    def due(self, k: int) -> bool:
+        return k % self.t_inv == 0 and self.factor is not None
+
+
+class EighInverse(_Recompute, FactorInverse):
+    """k-fac: exact ``eigh`` of the dense EA factor every ``t_inv`` steps (Martens and Grosse 2015)."""
+
+    method = "eigh"
+
     def refresh(self, k: int) -> None:
-        if k % self.t_inv == 0 and self.factor is not None:
-            M = 0.5 * (self.factor + self.factor.mT)
-            evals, evecs = safe_eigh(M)
+        if self.due(k):
+            evals, evecs = safe_eigh(self.symmetric_factor())
             evals = clamp_rounding_negatives(f"eigenvalues of a {self.dim}x{self.dim} K-factor", evals.flip(0), self.dim)
             self._set(evecs.flip(1), evals)
 
@@ -184,23 +194,17 @@ class _LowRank(FactorInverse):
         return _value(self.oversample_schedule, self.epoch)
 
     def _randomized(self, fn) -> None:
-        M = 0.5 * (self.factor + self.factor.mT)
-        U, d = fn(M, self.rank, self.oversample, self.power_iters, self.generator)
+        U, d = fn(self.symmetric_factor(), self.rank, self.oversample, self.power_iters, self.generator)
         self._set(U, d)
 
 
-class RSVDInverse(_LowRank):
+class RSVDInverse(_Recompute, _LowRank):
     """r-kfac (rs-kfac, Alg. 1 line 13): RSVD of the dense EA factor every ``t_inv`` steps."""
 
     method = "rsvd"
 
-    def __init__(self, dim: int, *, t_inv: int = 1, **kw):
-        super().__init__(dim, **kw)
-        check_positive_int("t_inv", t_inv)
-        self.t_inv = t_inv
-
     def refresh(self, k: int) -> None:
-        if k % self.t_inv == 0 and self.factor is not None:
+        if self.due(k):
             self._randomized(rsvd)
 
 
@@ -210,7 +214,7 @@ class SREVDInverse(RSVDInverse):
     method = "srevd"
 
     def refresh(self, k: int) -> None:
-        if k % self.t_inv == 0 and self.factor is not None:
+        if self.due(k):
             self._randomized(srevd)
 
 
@@ -268,8 +272,7 @@ class BrandRSVDInverse(BrandInverse):
 
     def _before_dense_update(self, k: int) -> None:
         if k % self.t_rsvd == 0 and k > 0 and self.factor is not None:
-            M = 0.5 * (self.factor + self.factor.mT)
-            self._overwrite = rsvd(M, self.rank, self.oversample, self.power_iters, self.generator)
+            self._overwrite = rsvd(self.symmetric_factor(), self.rank, self.oversample, self.power_iters, self.generator)
 
     def wants_batch(self, k: int) -> bool:
         return k % self.t_brand == 0 or k % self.t_updt == 0
@@ -311,8 +314,7 @@ class BrandCorrectedInverse(BrandInverse):
         if k % self.t_corct == 0 and k > 0 and self.factor is not None and self.U is not None:
             r = min(self.rank, self.U.shape[1])
             n_crc = max(1, round(self.phi_crc * r))
-            M = 0.5 * (self.factor + self.factor.mT)
-            U, d = light_correction(self.U, self.d, M, n_crc, self.generator, among=r)
+            U, d = light_correction(self.U, self.d, self.symmetric_factor(), n_crc, self.generator, among=r)
             self._set(U, d)
 
 
