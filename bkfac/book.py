@@ -502,6 +502,8 @@ def _preview_nb(nb: dict) -> dict:
     """A copy of ``nb`` prepared for nbconvert: title heading, Quarto options applied."""
     import copy
 
+    from nbformat.v4 import new_markdown_cell
+
     nb = copy.deepcopy(nb)
     fm = _front_matter(nb)
     cells = []
@@ -532,10 +534,10 @@ def _preview_nb(nb: dict) -> dict:
         cell.setdefault("metadata", {})["tags"] = sorted(tags)
         cells.append(cell)
         if caption:
-            cells.append({"cell_type": "markdown", "metadata": {}, "source": caption})
+            cells.append(new_markdown_cell(caption))
     title = fm.get("title")
     if title:
-        cells.insert(0, {"cell_type": "markdown", "metadata": {}, "source": f"# {title}"})
+        cells.insert(0, new_markdown_cell(f"# {title}"))
     nb["cells"] = cells
     return nb
 
@@ -568,7 +570,7 @@ def preview(out_dir: str | os.PathLike = ".preview", chapters_: Sequence[str] | 
     exporter.register_preprocessor(TagRemovePreprocessor(config=cfg), enabled=True)
     written, links = [], []
     for path in _selected(chapters_, root):
-        raw = _read_nb(path)
+        raw = nbformat.read(path, as_version=4)  # multi-line fields joined into strings
         title = _front_matter(raw).get("title", path.stem)
         nb = nbformat.from_dict(_preview_nb(raw))
         body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}})
