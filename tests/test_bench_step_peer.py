@@ -130,6 +130,10 @@ def test_bench_step_quick(tmp_path, capsys):
         assert math.isclose(float(r["ratio_to_sgd"]), float(r["epoch_s"]) / float(by["sgd"]["epoch_s"]),
                             rel_tol=1e-9)
     assert float(by["sgd"]["rest_s"]) > 0 and float(by["sgd"]["statistics_s"]) == 0
+    assert math.isclose(float(by["sgd"]["ratio_to_sgd_common_fb"]), 1.0, rel_tol=1e-9)
+    for r in rows:
+        own = sum(float(r[f"{p}_s"]) for p in ("statistics", "inverse", "precondition", "rest"))
+        assert math.isclose(float(r["optimizer_s"]), own, rel_tol=1e-9)
     for name in ("k-fac", "r-kfac", "sre-kfac", "b-kfac", "b-r-kfac", "b-kfac-c", "seng"):
         for p in ("statistics", "inverse", "precondition"):
             assert float(by[name][f"{p}_s"]) > 0, (name, p)
@@ -148,7 +152,7 @@ def test_bench_step_quick(tmp_path, capsys):
     assert {k["kind"]: int(k["count"]) for k in kinds if k["optimizer"] == "k-fac"} == {
         "plain": 2, "t_updt": 1, "t_updt+t_inv": 1}
     tcols, targets = _read(tmp_path / "step_targets.csv")
-    assert tcols == step_mod.TARGET_COLUMNS and len(targets) == 2
+    assert tcols == step_mod.TARGET_COLUMNS and len(targets) == 4
     assert all(t["verdict"] in ("PASS", "FAIL") for t in targets)
     assert (tmp_path / "step.png").stat().st_size > 0
     out = capsys.readouterr().out
