@@ -39,7 +39,9 @@ round-robin over the optimizers and kinds so that load drift on a shared machine
 of them alike.
 
 Targets (DESIGN, as ratios measured side by side in one run): b-kfac's t_epoch at most
-1.3x SGD's and at most 0.5x k-fac's; printed PASS/FAIL. Writes ``step.csv`` (one row per
+1.3x SGD's and at most 0.5x k-fac's; printed PASS/FAIL, on the measured ratio and again with
+every optimizer charged SGD's data + forward/backward time ("common forward/backward": the
+phase all share is the noisiest on a loaded machine). Writes ``step.csv`` (one row per
 optimizer, amortised per-step phases, t_epoch, ratios), ``step_kinds.csv`` (one row per
 optimizer and kind of step), ``step_targets.csv`` and ``step.png`` (stacked bars of the
 per-epoch time by phase) under ``--out``.
