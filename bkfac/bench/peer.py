@@ -338,4 +338,4 @@ def main(args: argparse.Namespace) -> int:
 if __name__ == "__main__":  # pragma: no cover - exercised by hand
     from .step import _parser
 
-    sys.exit(main(_parser().parse_args(["peer"] + sys.argv[1:])))
+    sys.exit(main(_parser("peer").parse_args(["peer"] + sys.argv[1:])))

@@ -461,11 +461,12 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    """``python -m bkfac.bench.step``: the common bench options plus ``--profile``."""
+def _parser(part: str = "step") -> argparse.ArgumentParser:
+    """``python -m bkfac.bench.<part>``: the common bench options plus ``--profile``."""
     from . import add_bench_args
 
-    parser = argparse.ArgumentParser(prog="python -m bkfac.bench.step", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"python -m bkfac.bench.{part}",
+                                     description=f"bkfac bench {part} (see the module docstring)")
     add_bench_args(parser)
     if not any("--profile" in a.option_strings for a in parser._actions):
         parser.add_argument("--profile", default=None,
