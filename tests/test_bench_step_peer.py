@@ -94,7 +94,7 @@ def test_set_step_counter_fires_the_events():
     _train_step(model, opt, x, y)
     assert inv.updates == before and torch.equal(inv.factor, factor)
     step_mod.set_step_counter(opt, 6)  # t_updt only: the EA factor moves, no eigh
-    _train_step(model, opt, x, y)
+    _train_step(model, opt, 2 * x, y)  # new inputs (the same x would leave the EA factor at its fixed point)
     assert inv.updates == before and not torch.equal(inv.factor, factor)
     step_mod.set_step_counter(opt, 8)  # t_updt + t_inv: eigh
     _train_step(model, opt, x, y)
