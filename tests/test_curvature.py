@@ -7,8 +7,16 @@ import torch.nn.functional as F
 
 from bkfac.curvature import KFactorCapture
 
-torch.set_default_dtype(torch.float64)
 TOL = 1e-10
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """float64 for this module only (restored afterwards: other tests build float32 models)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def rel(a, b):
