@@ -274,6 +274,20 @@ def test_table1_and_orderings_on_constructed_rows():
     assert not ob["r30_grows"]["holds"]
     with pytest.raises(ValueError, match="lack"):
         check_orderings([r for r in rows if r["algorithm"] != "b-kfac"], 2)
+    # a damping change inside the window (phi halves at step 30) lifts every curve: the growth and
+    # constancy claims look only at the steps before it
+    jump = _synthetic_rows(levels)
+    for r in jump:
+        r["phi"] = 0.1 if r["step"] < 30 else 0.05
+        if r["step"] >= 30:
+            for m in (1, 2, 3, 4):
+                r[f"metric{m}"] *= 3.0
+    add_block_averages(jump, 2, group=("window_epoch", "algorithm"))
+    oj = check_orderings(jump, 2)["epoch_30"]
+    assert oj["segment"]["phi_change_step"] == 30 and oj["segment"]["steps"] == [0, 30]
+    assert oj["b_constant"]["holds"] and not oj["r30_grows"]["holds"]  # flat before the change
+    assert not check_orderings([{k: v for k, v in r.items() if k != "phi"} for r in jump], 2)["epoch_30"]["b_constant"]["holds"]
+    assert "phi changes at step 30" in es.format_orderings({"epoch_30": oj})
 
 
 def test_plot_error_study(tmp_path):
@@ -325,6 +339,8 @@ def test_smoke_run_writes_all_outputs(tmp_path, monkeypatch, one_thread, capsys)
     orderings = json.loads((out / "orderings.json").read_text())
     assert set(orderings) == {"epoch_1", "epoch_2"}
     assert isinstance(orderings["epoch_2"]["b_r_below_r5"]["holds"], bool)
+    assert orderings["epoch_2"]["segment"]["window"] == 12
+    assert {float(r["phi"]) for r in rows} == {0.1}  # the smoke profile's damping factor
     cfg = json.loads((out / "config.json").read_text())
     run = cfg["runs"][0]
     assert cfg["drive"] == "reference" and run["window_starts"] == {"1": 0, "2": 10}

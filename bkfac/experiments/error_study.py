@@ -635,7 +635,7 @@ class ErrorWindow:
                 s = shG.apply(shA.apply(Jd.mT).mT)
             m3, m4 = step_errors(s, s_ref)
             m1, m2 = self._factor_metrics[spec.key]
-            rows.append(dict(step=self.j, algorithm=spec.key, label=spec.label(self.t),
+            rows.append(dict(step=self.j, algorithm=spec.key, label=spec.label(self.t), phi=self.phi,
                              metric1=m1, metric2=m2, metric3=m3, metric4=m4))
         return rows
 
@@ -695,7 +695,7 @@ def _num(rows: Iterable[dict]) -> list[dict]:
         for k in ("window_epoch", "step", "global_step", "seed", "n_runs"):
             if k in q and q[k] not in (None, ""):
                 q[k] = int(float(q[k]))
-        for k in _METRIC_COLS:
+        for k in _METRIC_COLS + ("phi",):
             if k in q and q[k] not in (None, ""):
                 q[k] = float(q[k])
         out.append(q)
@@ -717,6 +717,8 @@ def average_runs(rows: list[dict]) -> list[dict]:
     for key in order:
         members = acc[key]
         row = dict(window_epoch=key[0], step=key[1], algorithm=key[2], label=members[0]["label"])
+        if "phi" in members[0]:
+            row["phi"] = members[0]["phi"]
         for c in _METRIC_COLS:
             if c in members[0]:
                 row[c] = sum(m[c] for m in members) / len(members)
@@ -795,6 +797,9 @@ def check_orderings(rows: list[dict], t_updt: int) -> dict:
     * ``b_constant``: b-kfac roughly constant: its mean over the last third of the window is
       within a factor 1.5 of that over the middle third (after the start-up transient), while
       r-kfac ``30t``'s ratio is shown for contrast.
+
+    The three time-shape claims (``r30_*``, ``b_constant``) use the steps before the first change
+    of the damping factor ``phi`` inside the window, when rows carry ``phi`` (``segment``).
     """
     rows = _num(rows)
     if not rows:
@@ -808,6 +813,15 @@ def check_orderings(rows: list[dict], t_updt: int) -> dict:
     for epoch in sorted(set(r["window_epoch"] for r in rows)):
         col = {m: ("metric%d_block" % m if m in (3, 4) and "metric3_block" in rows[0] else f"metric{m}")
                for m in (1, 2, 3, 4)}
+        # time-shape claims on the steps before the first change of the damping factor phi (an
+        # epoch schedule: a window can cross it, e.g. the cpu profile's epoch-4 window): a jump of
+        # every curve there says nothing about growth. The paper's windows cross no change.
+        phis = _series(rows, epoch, "b-kfac", "phi") if "phi" in rows[0] else []
+        seg = next((i for i, v in enumerate(phis) if v != phis[0]), len(phis)) if phis else None
+
+        def shape(a, c, seg=seg):
+            x = _series(rows, epoch, a, c)
+            return x[:seg] if seg else x
         avg = {a: {m: _mean(_series(rows, epoch, a, f"metric{m}")) for m in (1, 2, 3, 4)} for a in algos}
         res: dict = {}
 
@@ -852,7 +866,7 @@ def check_orderings(rows: list[dict], t_updt: int) -> dict:
 
         c = {}
         for m in (1, 2, 3, 4):
-            s = _series(rows, epoch, "r-kfac-30t", col[m])
+            s = shape("r-kfac-30t", col[m])
             third = max(len(s) // 3, 1)
             first, last = _mean(s[:third]), _mean(s[-third:])
             c[f"metric{m}"] = dict(holds=last > first, first_third=first, last_third=last,
@@ -862,8 +876,8 @@ def check_orderings(rows: list[dict], t_updt: int) -> dict:
 
         c = {}
         for m in (1, 2, 3, 4):
-            b = _series(rows, epoch, "b-kfac", col[m])
-            r30 = _series(rows, epoch, "r-kfac-30t", col[m])
+            b = shape("b-kfac", col[m])
+            r30 = shape("r-kfac-30t", col[m])
             level = _mean(b[len(b) // 2:])
             i = _first_exceed(r30, level)
             c[f"metric{m}"] = dict(holds=i is not None, b_kfac_steady=level, step=i,
@@ -878,7 +892,7 @@ def check_orderings(rows: list[dict], t_updt: int) -> dict:
         for m in (1, 2, 3, 4):
             out_m = {}
             for a in ("b-kfac", "r-kfac-30t"):
-                s = _series(rows, epoch, a, col[m])
+                s = shape(a, col[m])
                 third = max(len(s) // 3, 1)
                 mid, last = _mean(s[third:2 * third]), _mean(s[-third:])
                 out_m[a] = last / mid if mid > 0 else float("inf")
@@ -888,6 +902,10 @@ def check_orderings(rows: list[dict], t_updt: int) -> dict:
         c["holds"] = all(v["holds"] for k, v in c.items() if k.startswith("metric"))
         c["criterion"] = "mean over the last third / mean over the middle third of b-kfac's curve in [1/1.5, 1.5]"
         res["b_constant"] = c
+        n = len(_series(rows, epoch, "b-kfac", "metric1"))
+        res["segment"] = dict(steps=[0, seg if seg else n], window=n,
+                              phi_change_step=seg if seg and seg < n else None,
+                              note="r30_grows, r30_exceeds_b_steady and b_constant use these steps (constant phi)")
         out[f"epoch_{epoch}"] = res
     return out
 
@@ -900,6 +918,11 @@ def format_orderings(orderings: dict) -> str:
             continue
         lines.append(f"window at {ep.replace('_', ' ')}:")
         for claim, c in res.items():
+            if claim == "segment":
+                if c.get("phi_change_step") is not None:
+                    lines.append(f"  (phi changes at step {c['phi_change_step']}: growth/constancy claims use steps "
+                                 f"0-{c['phi_change_step'] - 1})")
+                continue
             per = []
             for m in (1, 2, 3, 4):
                 v = c.get(f"metric{m}")
@@ -1187,12 +1210,12 @@ def _write_outputs(out_dir: Path, all_rows: list[dict], diags: list[dict], confi
     tab = table1(mean_rows, epoch=last_epoch, update_ms=update_ms)
     orderings = check_orderings(mean_rows, t)
     config = dict(config, runs=diags)
-    cols = ["window_epoch", "step", "algorithm", "label", "metric1", "metric2", "metric3", "metric4",
+    cols = ["window_epoch", "step", "algorithm", "label", "phi", "metric1", "metric2", "metric3", "metric4",
             "metric3_block", "metric4_block", "n_runs"]
     files = dict(
         metrics=write_csv(out_dir / "metrics.csv", mean_rows, cols),
         metrics_runs=write_csv(out_dir / "metrics_runs.csv", all_rows,
-                               ["seed", "window_epoch", "step", "global_step", "algorithm", "label", "metric1",
+                               ["seed", "window_epoch", "step", "global_step", "algorithm", "label", "phi", "metric1",
                                 "metric2", "metric3", "metric4", "metric3_block", "metric4_block"]),
         table1=write_csv(out_dir / "table1.csv", tab),
         orderings=write_json(out_dir / "orderings.json", orderings),
