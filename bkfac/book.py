@@ -354,14 +354,9 @@ def save_table(rows: Sequence[dict], name: str, profile: str, columns: Sequence[
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    from .bench.common import cpu_model
+
+    return cpu_model()
 
 
 def run_stamp(profile: str, device: str = "cpu") -> str:
