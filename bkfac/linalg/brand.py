@@ -91,7 +91,7 @@ def _cholesky_qr(X: Tensor, eye: Tensor) -> tuple[Tensor, Tensor] | None:
     return X @ torch.linalg.solve_triangular(R, eye, upper=True), R
 
 
-def _cholesky_qr2(U: Tensor, P: Tensor, C: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+def _cholesky_qr2(U: Tensor, P: Tensor, C: Tensor, anorm: float) -> tuple[Tensor, Tensor, Tensor] | None:
     """Fast path of :func:`orthonormal_extension`: CholeskyQR2 (Fukaya et al. 2014) of ``P``.
 
     Hand-written because it is several times faster than Householder QR for the tall block
@@ -99,8 +99,8 @@ def _cholesky_qr2(U: Tensor, P: Tensor, C: Tensor) -> tuple[Tensor, Tensor, Tens
     ``P = Q1 R1`` then ``Q1 = Q R2`` (the second pass restores orthonormality), ``R = R2 R1``;
     for moderately ill-conditioned ``P`` one more projection of ``Q`` out of ``span(U)`` (see
     :func:`_fast_path_limits`) with ``C`` and ``R`` adjusted so that ``A = U C + Q R`` still
-    holds. Returns ``(C, Q, R)``, or ``None`` when ``P`` is too ill-conditioned (a Cholesky
-    breaks down, ``rho`` is below the limit, or the first pass leaves ``Q1^T Q1`` more than
+    holds. ``rho`` is taken relative to ``max(max|R_ii|, ||A||_F)``. Returns ``(C, Q, R)``, or
+    ``None`` when ``P`` is too ill-conditioned (a Cholesky breaks down, ``rho`` is below the limit, or the first pass leaves ``Q1^T Q1`` more than
     0.1 from the identity); the caller then takes the rank-revealing path.
     """
     n = P.shape[1]
@@ -111,7 +111,9 @@ def _cholesky_qr2(U: Tensor, P: Tensor, C: Tensor) -> tuple[Tensor, Tensor, Tens
         return None
     Q1, R1 = first
     diag = R1.diagonal()
-    ratio = float(diag.min()) / float(diag.max())
+    # relative to ||A|| (not only to max|R_ii|): a block that is all rounding noise left over
+    # from the projection (A inside span(U)) is well conditioned but not orthogonal to U
+    ratio = float(diag.min()) / max(float(diag.max()), anorm)
     if not ratio > accept:
         return None
     G2 = Q1.mT @ Q1
@@ -160,7 +162,7 @@ def orthonormal_extension(U: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]
     C = C + C2
     if n == 0:
         return C, A.new_zeros(dim, 0), A.new_zeros(0, 0)
-    fast = _cholesky_qr2(U, P, C)
+    fast = _cholesky_qr2(U, P, C, float(torch.linalg.matrix_norm(A)))
     if fast is not None:
         return fast
     # Rank-revealing path.
