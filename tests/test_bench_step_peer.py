@@ -173,11 +173,11 @@ def test_bench_peer_quick_or_message(tmp_path, capsys):
     assert rc == 0
     cols, rows = _read(tmp_path / "peer.csv")
     assert cols == peer_mod.TIMING_COLUMNS
-    assert [r["implementation"] for r in rows] == ["bkfac k-fac", "ASDL k-fac"]
+    assert [r["implementation"] for r in rows] == ["bkfac k-fac", "bkfac k-fac (cholesky)", "ASDL k-fac"]
     for r in rows:
         assert float(r["step_s"]) > 0 and float(r["forward_backward_s"]) > 0
         assert float(r["inverse_s"]) > 0 and float(r["precondition_s"]) > 0
-    assert float(rows[0]["statistics_s"]) > 0
+    assert float(rows[0]["statistics_s"]) > 0 and float(rows[1]["statistics_s"]) > 0
     fcols, factors = _read(tmp_path / "peer_factors.csv")
     assert fcols == peer_mod.FACTOR_COLUMNS
     assert {f["kind"] for f in factors} == {"conv2d", "linear"}

@@ -74,6 +74,22 @@ def conv_patches_bruteforce(x, conv):
     return torch.stack(rows), Ho * Wo
 
 
+def outer_products(lc):
+    """The fast path (``batch_outer_A``/``batch_outer_G``: no batch matrix formed), for both
+    loss reductions, and G G^T under 'sum' -- taken before the reference passes re-run the hooks."""
+    Gs = lc.batch_G("sum")
+    return lc.batch_outer_A(), lc.batch_outer_G("mean"), lc.batch_outer_G("sum"), Gs @ Gs.T, lc.grad_outputs.shape[0]
+
+
+def assert_outer_products(outers, A_ref, G_ref):
+    """Same factors as the reference; a 'sum' loss scales G G^T by 1/n^2."""
+    outer_A, outer_G, outer_G_sum, GGs, n = outers
+    assert rel(outer_A, A_ref) < TOL
+    assert rel(outer_G, G_ref) < TOL
+    assert rel(outer_G_sum, G_ref / n**2) < TOL
+    assert rel(GGs, G_ref / n**2) < TOL
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_factors_bruteforce(bias):
     torch.manual_seed(0)
@@ -84,6 +100,7 @@ def test_linear_factors_bruteforce(bias):
     cap = KFactorCapture(model)
     F.cross_entropy(model(x), y).backward()
     A, G, scale = cap.layers[0].batch_matrices()
+    outers = outer_products(cap.layers[0])
     assert scale == 1.0
     ins, gs = per_sample_output_grads(model, lin, x, y)
     a = torch.cat([ins, torch.ones(n, 1)], 1) if bias else ins
@@ -91,6 +108,7 @@ def test_linear_factors_bruteforce(bias):
     G_ref = sum(torch.outer(gs[i], gs[i]) for i in range(n)) / n
     assert rel(A @ A.T, A_ref) < TOL
     assert rel(G @ G.T, G_ref) < TOL
+    assert_outer_products(outers, A_ref, G_ref)
     # The gradient of the mean loss is scale * G A^T (eq. 20).
     F.cross_entropy(model(x), y).backward()
     J = cap.layers[0].grad_matrix()
@@ -107,12 +125,14 @@ def test_linear_with_positions_bruteforce():
     cap = KFactorCapture(model)
     F.cross_entropy(model(x), y).backward()
     A, G, scale = cap.layers[0].batch_matrices()
+    outers = outer_products(cap.layers[0])
     J = cap.layers[0].grad_matrix().clone()
     ins, gs = per_sample_output_grads(model, lin, x, y)
     a = torch.cat([ins, torch.ones(n, T, 1)], -1)
     A_ref = torch.einsum("nti,ntj->ij", a, a) / (n * T)
     G_ref = torch.einsum("nti,ntj->ij", gs, gs) / n
     assert rel(A @ A.T, A_ref) < TOL and rel(G @ G.T, G_ref) < TOL
+    assert_outer_products(outers, A_ref, G_ref)
     assert abs(scale - T**0.5) < 1e-12
     assert rel(scale * G @ A.T, J) < TOL
 
@@ -135,6 +155,7 @@ def test_conv_factors_bruteforce(kw):
     cap = KFactorCapture(model)
     F.cross_entropy(model(x), y).backward()
     A, G, scale = cap.layers[0].batch_matrices()
+    outers = outer_products(cap.layers[0])
     J = cap.layers[0].grad_matrix().clone()
     ins, gs = per_sample_output_grads(model, conv, x, y)  # gs: (n, O, Ho, Wo)
     A_ref = 0
@@ -151,6 +172,7 @@ def test_conv_factors_bruteforce(kw):
     G_ref = G_ref / n
     assert rel(A @ A.T, A_ref) < TOL
     assert rel(G @ G.T, G_ref) < TOL
+    assert_outer_products(outers, A_ref, G_ref)
     assert A.shape[1] == n * T and abs(scale - T**0.5) < 1e-12
     assert rel(scale * G @ A.T, J) < TOL
 

@@ -12,6 +12,7 @@ import bkfac
 
 HYPER = {
     "k-fac": dict(t_updt=2, t_inv=4),
+    "k-fac (cholesky)": dict(t_updt=2, t_inv=4, inverse="cholesky"),
     "r-kfac": dict(t_updt=2, t_inv=4, rank=12, oversample=3),
     "sre-kfac": dict(t_updt=2, t_inv=4, rank=12, oversample=3),
     "b-kfac": dict(t_updt=2, t_inv=4, t_brand=2, rank=12, oversample=3),
@@ -38,7 +39,7 @@ def data(k):
 def build(name, model):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return bkfac.make_optimizer(name, model, defaults=None, lr=0.05, weight_decay=1e-3, **HYPER[name])
+        return bkfac.make_optimizer(name.split(" ")[0], model, defaults=None, lr=0.05, weight_decay=1e-3, **HYPER[name])
 
 
 def run(model, opt, start, stop):

@@ -108,65 +108,129 @@ class LayerCapture:
         self.backward_calls = 0
 
     # -- batch matrices -------------------------------------------------------------------
-    def _input_rows(self) -> Tensor:
-        """Rows ``a_{i,t}^T`` (N x d_A) of augmented inputs, and N."""
+    def _inputs(self, dtype=None) -> Tensor:
         x = self.inputs
         if x is None:
             raise RuntimeError(
                 f"no input recorded for layer '{self.name}': call optimizer.step() after a forward "
                 "and backward pass in training mode"
             )
+        return x if dtype is None else x.to(dtype)
+
+    def _patch_view(self, x: Tensor) -> Tensor | None:
+        """Conv patches as a view ``(C_in, kh, kw, n, H_out, W_out)`` of the padded input.
+
+        ``Tensor.unfold`` views instead of ``F.unfold``: the caller then makes the only copy,
+        straight into the ``(d, N)`` layout (PERFORMANCE.md, change 1). ``None`` for
+        dilation != 1, where ``F.unfold`` is used.
+        """
+        m = self.module
+        if tuple(m.dilation) != (1, 1):
+            return None
+        (ph, pw), (kh, kw), (sh, sw) = _conv_padding(m), m.kernel_size, m.stride
+        if ph or pw:
+            x = F.pad(x, (pw, pw, ph, ph))
+        v = x.unfold(2, kh, sh).unfold(3, kw, sw)  # n, C, H_out, W_out, kh, kw
+        return v.permute(1, 4, 5, 0, 2, 3)
+
+    def _input_cols(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """Columns ``a_{i,t}`` without the bias entry, ``(d_A - bias) x N``, ordered like
+        ``weight.view(C_out, -1)`` and, over ``N``, like the output-gradient rows (sample,
+        then position). Written into ``out`` when given, with at most one copy."""
         m = self.module
         if self.kind == "linear":
-            X = x.reshape(-1, x.shape[-1])
+            cols = x.reshape(-1, x.shape[-1]).mT  # a view
         else:
-            pad = _conv_padding(m)
-            patches = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)
-            X = patches.transpose(1, 2).reshape(-1, patches.shape[1])
-        if self.has_bias:
-            X = torch.cat([X, X.new_ones(X.shape[0], 1)], dim=1)
-        return X
+            v = self._patch_view(x)
+            if v is not None:
+                if out is not None:
+                    out.view(v.shape).copy_(v)
+                    return out
+                cols = v.reshape(v.shape[0] * v.shape[1] * v.shape[2], -1)
+            else:
+                pad = _conv_padding(m)
+                patches = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)
+                cols = patches.transpose(0, 1).reshape(patches.shape[1], -1)
+        if out is not None:
+            out.copy_(cols)
+            return out
+        return cols
 
-    def _grad_rows(self, reduction: str) -> tuple[Tensor, int]:
+    def _n_positions(self, x: Tensor) -> int:
+        if self.kind == "linear":
+            return x.numel() // x.shape[-1]
+        m = self.module
+        (ph, pw), (kh, kw), (sh, sw), (dh, dw) = _conv_padding(m), m.kernel_size, m.stride, m.dilation
+        ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return x.shape[0] * ho * wo
+
+    def _grad_cols(self, reduction: str, dtype=None) -> tuple[Tensor, int]:
+        """Columns ``g_{i,t}`` of the output gradients, ``d_G x N`` (one copy for a conv),
+        unscaled, and the batch size ``n``."""
         g = self.grad_outputs
         if g is None:
             raise RuntimeError(
                 f"no output gradient recorded for layer '{self.name}': call optimizer.step() after "
                 "loss.backward() in training mode"
             )
-        n = g.shape[0]
+        if dtype is not None:
+            g = g.to(dtype)
         if self.kind == "linear":
-            Gm = g.reshape(-1, g.shape[-1])
+            cols = g.reshape(-1, g.shape[-1]).mT
         else:
-            Gm = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
-        if reduction == "mean":
-            Gm = Gm * n
-        return Gm, n
+            cols = g.transpose(0, 1).reshape(g.shape[1], -1)
+        return cols, g.shape[0]
+
+    def _g_scale(self, reduction: str, n: int) -> float:
+        """``c`` with ``G_k = c * [g_{i,t}]``: ``n / sqrt(n)`` for a mean loss, ``1 / sqrt(n)`` for a sum."""
+        return math.sqrt(n) if reduction == "mean" else 1.0 / math.sqrt(n)
+
+    def batch_A(self, dtype=None) -> Tensor:
+        """``A_k`` (d_A x N): the augmented input columns over ``sqrt(N)``."""
+        x = self._inputs(dtype)
+        N = self._n_positions(x)
+        out = x.new_empty(self.d_A, N)
+        D = self.d_A - int(self.has_bias)
+        self._input_cols(x, out[:D])
+        if self.has_bias:
+            out[D].fill_(1.0)
+        return out.mul_(1.0 / math.sqrt(N))
+
+    def batch_G(self, reduction: str = "mean", dtype=None) -> Tensor:
+        """``G_k`` (d_G x n_M) of the module docstring."""
+        cols, n = self._grad_cols(reduction, dtype)
+        return cols * self._g_scale(reduction, n)
 
     def batch_matrices(self, reduction: str = "mean", dtype=None) -> tuple[Tensor, Tensor, float]:
         """``(A_k, G_k, scale)`` with ``Mat(grad) = scale * G_k A_k^T`` (see module docstring)."""
-        X = self._input_rows()
-        Gm, n = self._grad_rows(reduction)
-        N = X.shape[0]
-        if Gm.shape[0] != N:
-            raise RuntimeError(f"layer '{self.name}': input and output-gradient positions differ ({N} vs {Gm.shape[0]})")
-        if dtype is not None:
-            X, Gm = X.to(dtype), Gm.to(dtype)
-        A = X.mT / math.sqrt(N)
-        G = Gm.mT / math.sqrt(n)
+        A = self.batch_A(dtype)
+        G = self.batch_G(reduction, dtype)
+        N, n = A.shape[1], self.grad_outputs.shape[0]
+        if G.shape[1] != N:
+            raise RuntimeError(f"layer '{self.name}': input and output-gradient positions differ ({N} vs {G.shape[1]})")
         return A, G, math.sqrt(N / n)
 
-    def batch_A(self, dtype=None) -> Tensor:
-        X = self._input_rows()
-        if dtype is not None:
-            X = X.to(dtype)
-        return X.mT / math.sqrt(X.shape[0])
+    def batch_outer_A(self, dtype=None) -> Tensor:
+        """``A_k A_k^T`` (d_A x d_A) without forming ``A_k``: one copy of the patches, one GEMM,
+        the bias row and column from the column sums (PERFORMANCE.md, change 1)."""
+        x = self._inputs(dtype)
+        X = self._input_cols(x)
+        D, N = X.shape
+        if not self.has_bias:
+            return (X @ X.mT).mul_(1.0 / N)
+        out = X.new_empty(self.d_A, self.d_A)
+        torch.mm(X, X.mT, out=out[:D, :D])
+        s = X.sum(1)
+        out[:D, D] = s
+        out[D, :D] = s
+        out[D, D] = N
+        return out.mul_(1.0 / N)
 
-    def batch_G(self, reduction: str = "mean", dtype=None) -> Tensor:
-        Gm, n = self._grad_rows(reduction)
-        if dtype is not None:
-            Gm = Gm.to(dtype)
-        return Gm.mT / math.sqrt(n)
+    def batch_outer_G(self, reduction: str = "mean", dtype=None) -> Tensor:
+        """``G_k G_k^T`` (d_G x d_G) without forming ``G_k``."""
+        cols, n = self._grad_cols(reduction, dtype)
+        return (cols @ cols.mT).mul_(self._g_scale(reduction, n) ** 2)
 
     def grad_matrix(self) -> Tensor:
         """The gradient in matrix form ``[dL/dW, dL/db]`` (d_G x d_A)."""

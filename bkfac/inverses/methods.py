@@ -17,6 +17,7 @@ The optimizer calls, at every step ``k``:
 class                      paper                  representation update
 ========================  =====================  ===========================================
 :class:`EighInverse`       k-fac                  ``eigh`` of the dense EA factor every T_inv
+:class:`CholeskyInverse`   k-fac (option)         ``cholesky`` of the damped factor every T_inv
 :class:`RSVDInverse`       r-kfac (Alg. 1 l.13)   ``rsvd`` of the dense EA factor every T_inv
 :class:`SREVDInverse`      sre-kfac               ``srevd`` of the dense EA factor every T_inv
 :class:`BrandInverse`      b-kfac (Alg. 4)        truncate to r, then B-update, every T_brand
@@ -38,11 +39,12 @@ import torch
 from torch import Tensor
 
 from .._checks import check_open_unit, check_positive_int, clamp_rounding_negatives
-from ..linalg import brand_update, light_correction, rsvd, safe_eigh, srevd, truncate
+from ..linalg import brand_update, lambda_max, light_correction, rsvd, safe_eigh, srevd, truncate
 
 __all__ = [
     "FactorInverse",
     "EighInverse",
+    "CholeskyInverse",
     "RSVDInverse",
     "SREVDInverse",
     "BrandInverse",
@@ -95,11 +97,29 @@ class FactorInverse:
         if self.needs_dense and k % self.t_updt == 0:
             self._update_dense(batch)
 
+    #: True for methods that only need ``M_k M_k^T`` (not ``M_k``): the optimizer may then
+    #: hand :meth:`observe_outer` the product, built without forming ``M_k`` (PERFORMANCE.md 1).
+    accepts_outer = False
+
+    def observe_outer(self, k: int, outer: Tensor) -> None:
+        """Receive ``M_k M_k^T`` (d x d) of step ``k`` instead of ``M_k``; only where
+        :attr:`accepts_outer`."""
+        if not self.accepts_outer:
+            raise TypeError(f"{type(self).__name__} needs the batch matrix M_k, not M_k M_k^T")
+        if outer.shape != (self.dim, self.dim):
+            raise ValueError(f"outer product has shape {tuple(outer.shape)}, the factor has dimension {self.dim}")
+        self._before_dense_update(k)
+        if self.needs_dense and k % self.t_updt == 0:
+            self._accumulate(outer)
+
     def _before_dense_update(self, k: int) -> None:
         """Hook for methods that need the EA factor of step k-1 (b-r-kfac), before it moves on."""
 
     def _update_dense(self, batch: Tensor) -> None:
-        outer = batch @ batch.mT
+        self._accumulate(batch @ batch.mT)
+
+    def _accumulate(self, outer: Tensor) -> None:
+        """Eq. (5) with the batch factor ``outer = M_k M_k^T``."""
         if self.factor is None:
             self.factor = outer  # kappa(0) = 1 in eq. (5)
         else:
@@ -111,6 +131,12 @@ class FactorInverse:
     def symmetric_factor(self) -> Tensor:
         """The dense EA factor, symmetrised against rounding (``(M + M^T) / 2``)."""
         return 0.5 * (self.factor + self.factor.mT)
+
+    def damped_inverse(self, phi: float, min_damping: float) -> Tensor | None:
+        """``(factor + lam I)^{-1}`` as a dense matrix, ``lam = max(phi * lambda_max, min_damping)``,
+        where this method keeps a full-rank representation; ``None`` otherwise (the optimizer
+        then applies the low-rank representation, Alg. 1 lines 16-17)."""
+        return None
 
     def representation(self) -> tuple[Tensor, Tensor]:
         if self.U is None:
@@ -131,6 +157,7 @@ class FactorInverse:
     def load_state_dict(self, state: dict) -> None:
         self.factor, self.U, self.d = state["factor"], state["U"], state["d"]
         self.updates, self.epoch = state["updates"], state["epoch"]
+        self._inverse_cache = None
 
     def _set(self, U: Tensor, d: Tensor) -> None:
         self.U, self.d = U.contiguous(), d.contiguous()
@@ -147,6 +174,8 @@ def _value(x, epoch: int):
 class _Recompute:
     """Mixin: recompute the representation from the dense factor every ``t_inv`` steps."""
 
+    accepts_outer = True
+
     def __init__(self, dim: int, *, t_inv: int = 1, **kw):
         super().__init__(dim, **kw)
         check_positive_int("t_inv", t_inv)
@@ -157,7 +186,13 @@ class _Recompute:
 
 
 class EighInverse(_Recompute, FactorInverse):
-    """k-fac: exact ``eigh`` of the dense EA factor every ``t_inv`` steps (Martens and Grosse 2015)."""
+    """k-fac: exact ``eigh`` of the dense EA factor every ``t_inv`` steps (Martens and Grosse 2015).
+
+    The representation is full rank, so the damped inverse is also kept as one dense matrix
+    ``U diag(1 / (d + lam)) U^T``, formed once per representation and damping: the k-fac
+    step is then two GEMMs instead of four (PERFORMANCE.md, change 2). Spectrum continuation
+    is the identity on a full-rank representation, so the dense inverse is the same operator.
+    """
 
     method = "eigh"
 
@@ -166,6 +201,79 @@ class EighInverse(_Recompute, FactorInverse):
             evals, evecs = safe_eigh(self.symmetric_factor())
             evals = clamp_rounding_negatives(f"eigenvalues of a {self.dim}x{self.dim} K-factor", evals.flip(0), self.dim)
             self._set(evecs.flip(1), evals)
+
+    def damped_inverse(self, phi: float, min_damping: float) -> Tensor | None:
+        if self.U is None or self.U.shape[1] != self.dim:
+            return None
+        key = (self.updates, id(self.U), self.U._version, float(phi), float(min_damping))
+        cache = getattr(self, "_inverse_cache", None)
+        if cache is None or cache[0] != key:
+            lam = torch.clamp(self.d[0] * phi, min=min_damping)
+            inv = (self.U / (self.d + lam)) @ self.U.mT
+            self._inverse_cache = cache = (key, inv)
+        return cache[1]
+
+
+class CholeskyInverse(_Recompute, FactorInverse):
+    """k-fac with a Cholesky inverse (an option, ``KFAC(inverse="cholesky")``; not in the paper).
+
+    Every ``t_inv`` steps the dense EA factor is frozen (``snapshot``) and its largest
+    eigenvalue estimated by warm-started power iteration (:func:`~bkfac.linalg.lambda_max`);
+    the damped inverse ``(snapshot + lam I)^{-1}``, ``lam = max(phi * lambda_max, min_damping)``
+    as in the paper's k-fac, then comes from ``cholesky`` + ``cholesky_inverse`` at about
+    ``d^3`` flops against ``eigh``'s ~``9 d^3`` (PERFORMANCE.md, change 3). It is the same
+    operator as :class:`EighInverse`'s up to the power iteration's tolerance on lambda_max
+    (``rtol``), which only moves the damping. There is no eigen-representation:
+    :meth:`representation` raises, so the error study and the spectrum-based tools use
+    :class:`EighInverse`. One process only.
+    """
+
+    method = "cholesky"
+
+    def __init__(self, dim: int, *, rtol: float = 1e-4, **kw):
+        super().__init__(dim, **kw)
+        self.rtol = rtol
+        self.snapshot: Tensor | None = None
+        self.lam_max: Tensor | None = None
+        self._v: Tensor | None = None  # the power iteration's vector, warm start of the next
+
+    def refresh(self, k: int) -> None:
+        if self.due(k):
+            self.snapshot = self.symmetric_factor()
+            self.lam_max, self._v = lambda_max(self.snapshot, self._v, rtol=self.rtol, generator=self.generator)
+            self.updates += 1
+
+    def representation(self) -> tuple[Tensor, Tensor]:
+        raise RuntimeError("CholeskyInverse keeps no eigen-representation (U, d); use damped_inverse() "
+                           "or the eigh inverse (KFAC(inverse='eigh'))")
+
+    def damped_inverse(self, phi: float, min_damping: float) -> Tensor | None:
+        if self.snapshot is None:
+            raise RuntimeError("CholeskyInverse: no inverse yet (no statistics observed)")
+        key = (self.updates, float(phi), float(min_damping))
+        cache = getattr(self, "_inverse_cache", None)
+        if cache is None or cache[0] != key:
+            lam = torch.clamp(self.lam_max * phi, min=min_damping)
+            M = self.snapshot.clone()
+            M.diagonal().add_(lam)
+            L, info = torch.linalg.cholesky_ex(M)
+            if bool(info):  # float32 rounding on a nearly singular factor: once more in float64
+                L, info = torch.linalg.cholesky_ex(M.double())
+                if bool(info):
+                    raise RuntimeError(f"Cholesky of a damped {self.dim}x{self.dim} K-factor failed (lam = {float(lam):.3g}); "
+                                       "raise the damping or use inverse='eigh'")
+            self._inverse_cache = cache = (key, torch.cholesky_inverse(L).to(self.snapshot.dtype))
+        return cache[1]
+
+    def state_bytes(self) -> int:
+        return super().state_bytes() + sum(t.numel() * t.element_size() for t in (self.snapshot,) if t is not None)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "snapshot": self.snapshot, "lam_max": self.lam_max, "v": self._v}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.snapshot, self.lam_max, self._v = state["snapshot"], state["lam_max"], state["v"]
 
 
 class _LowRank(FactorInverse):
@@ -320,5 +428,5 @@ class BrandCorrectedInverse(BrandInverse):
 
 INVERSE_METHODS = {
     cls.method: cls
-    for cls in (EighInverse, RSVDInverse, SREVDInverse, BrandInverse, BrandRSVDInverse, BrandCorrectedInverse)
+    for cls in (EighInverse, CholeskyInverse, RSVDInverse, SREVDInverse, BrandInverse, BrandRSVDInverse, BrandCorrectedInverse)
 }

@@ -16,7 +16,7 @@ Alg. 8                         :func:`linear_time_factors`, :func:`linear_time_p
 """
 
 from .brand import brand_update, brand_update_general, orthonormal_extension
-from .eig import EighError, safe_eigh
+from .eig import EighError, lambda_max, safe_eigh
 from .lowrank import (
     damped_inverse_apply,
     dense_from_lowrank,
@@ -35,6 +35,7 @@ __all__ = [
     "orthonormal_extension",
     "EighError",
     "safe_eigh",
+    "lambda_max",
     "damped_inverse_apply",
     "dense_from_lowrank",
     "kfac_precondition",

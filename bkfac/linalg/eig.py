@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch import Tensor
 
-__all__ = ["safe_eigh", "EighError"]
+__all__ = ["safe_eigh", "EighError", "lambda_max"]
 
 
 class EighError(RuntimeError):
@@ -35,3 +35,34 @@ def safe_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
         except RuntimeError as second:
             raise EighError(f"eigh failed to converge, also after retrying in float64: {second}") from second
         return evals.to(M.dtype), evecs.to(M.dtype)
+
+
+def lambda_max(M: Tensor, v0: Tensor | None = None, *, rtol: float = 1e-4, max_iter: int = 500,
+               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Largest eigenvalue of a symmetric PSD matrix by power iteration: ``(lambda, v)``.
+
+    Starts from ``v0`` (a warm start: the vector returned for the previous, similar matrix)
+    or from a random vector drawn with ``generator``. Stops when the Rayleigh quotient moves
+    by less than ``rtol`` of itself between two checks ten iterations apart, or after
+    ``max_iter`` iterations. The Rayleigh quotient never exceeds the true lambda_max, and
+    approaches it from below as the iteration converges (slowly when the two leading
+    eigenvalues are close -- harmless where lambda_max only sets a damping, as in K-FAC).
+    ``lambda`` is a 0-d tensor on ``M``'s device (no host sync but the checks).
+    """
+    n = M.shape[0]
+    if M.ndim != 2 or M.shape[1] != n:
+        raise ValueError(f"M must be a square matrix, got shape {tuple(M.shape)}")
+    if v0 is None or v0.shape != (n,):
+        v0 = torch.randn(n, generator=generator, dtype=M.dtype).to(M.device)
+    v = v0 / torch.linalg.vector_norm(v0).clamp_min(torch.finfo(M.dtype).tiny)
+    lam = v @ (M @ v)
+    last = lam
+    for it in range(1, max_iter + 1):
+        w = M @ v
+        lam = v @ w
+        v = w / torch.linalg.vector_norm(w).clamp_min(torch.finfo(M.dtype).tiny)
+        if it % 10 == 0:
+            if bool(torch.abs(lam - last) <= rtol * torch.abs(lam)):
+                break
+            last = lam
+    return lam, v

@@ -1,0 +1,135 @@
+"""k-fac's fast paths (PERFORMANCE.md, changes 1-3) against the reference computations, float64.
+
+- the dense damped inverse of a full-rank eigh representation equals the low-rank application;
+- ``lambda_max`` (power iteration) against ``eigh``;
+- ``CholeskyInverse`` against an explicit ``inv(F + lam I)`` with lam from ``eigh``;
+- ``KFAC(inverse="cholesky")`` against ``KFAC(inverse="eigh")`` along a training run, its
+  clear errors (its checkpoint resume is in ``test_optim_checkpoint.py``).
+"""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bkfac
+from bkfac.inverses import CholeskyInverse, EighInverse
+from bkfac.linalg import damped_inverse_apply, lambda_max
+from bkfac.optim.comm import LocalComm
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def ea_factor(dim, n, seed, steps=3):
+    g = torch.Generator().manual_seed(seed)
+    Ms = [torch.randn(dim, n, generator=g, dtype=torch.float64) * torch.linspace(2, 0.1, dim, dtype=torch.float64)[:, None]
+          for _ in range(steps)]
+    return Ms
+
+
+@pytest.mark.parametrize("dim,n", [(9, 4), (30, 50), (64, 8)])
+def test_lambda_max_against_eigh(dim, n):
+    F_ = sum(M @ M.T for M in ea_factor(dim, n, dim))
+    lam, v = lambda_max(F_, rtol=1e-12, max_iter=20000, generator=torch.Generator().manual_seed(0))
+    ref = torch.linalg.eigvalsh(F_)[-1]
+    assert abs(float(lam - ref)) <= 1e-8 * float(ref)
+    assert float(lam) <= float(ref) * (1 + 1e-12)  # a Rayleigh quotient: never above
+    # warm start: already converged, stops at the first check
+    lam2, _ = lambda_max(F_, v, rtol=1e-12, max_iter=10)
+    assert abs(float(lam2 - ref)) <= 1e-8 * float(ref)
+    with pytest.raises(ValueError, match="square"):
+        lambda_max(torch.ones(3, 4))
+
+
+@pytest.mark.parametrize("cls", [EighInverse, CholeskyInverse])
+def test_dense_damped_inverse_against_explicit(cls):
+    dim, phi, floor = 40, 0.1, 1e-7
+    kw = dict(rtol=1e-13) if cls is CholeskyInverse else {}
+    inv = cls(dim, rho=0.9, t_inv=2, dtype=torch.float64, generator=torch.Generator().manual_seed(1), **kw)
+    ref = None
+    for k, M in enumerate(ea_factor(dim, 12, 5, steps=5)):
+        inv.observe_outer(k, M @ M.T) if k % 2 else inv.observe(k, M)  # both entry points
+        ref = M @ M.T if ref is None else 0.9 * ref + 0.1 * M @ M.T
+        inv.refresh(k)
+        if k % 2 == 0:
+            snapshot = ref.clone()
+    lam = phi * torch.linalg.eigvalsh(snapshot)[-1]
+    explicit = torch.linalg.inv(snapshot + lam * torch.eye(dim, dtype=torch.float64))
+    dense = inv.damped_inverse(phi, floor)
+    assert rel(dense, explicit) < 1e-9
+    assert inv.damped_inverse(phi, floor) is dense  # cached until the representation or phi changes
+    assert inv.damped_inverse(phi / 2, floor) is not dense
+    if cls is EighInverse:
+        U, d = inv.representation()
+        X = torch.randn(dim, 7, dtype=torch.float64)
+        assert rel(inv.damped_inverse(phi, floor) @ X, damped_inverse_apply(U, d, lam, X)) < 1e-10
+        low = EighInverse(dim, dtype=torch.float64)
+        assert low.damped_inverse(phi, floor) is None  # no representation yet
+    else:
+        with pytest.raises(RuntimeError, match="no eigen-representation"):
+            inv.representation()
+
+
+def test_outer_entry_point_only_where_accepted():
+    from bkfac.inverses import BrandInverse
+
+    b = BrandInverse(20, rank=3, oversample=1, dtype=torch.float64)
+    assert not b.accepts_outer
+    with pytest.raises(TypeError, match="batch matrix"):
+        b.observe_outer(0, torch.eye(20, dtype=torch.float64))
+    with pytest.raises(ValueError, match="dimension 20"):
+        EighInverse(20).observe_outer(0, torch.eye(19))
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(6 * 16, 20), nn.ReLU(), nn.Linear(20, 10),
+    ).double()
+
+
+def run(model, opt, start, stop):
+    for k in range(start, stop):
+        g = torch.Generator().manual_seed(k)
+        x, y = torch.randn(16, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (16,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def kfac(model, inverse):
+    return bkfac.KFAC(model, lr=0.05, damping_phi=0.1, t_updt=2, t_inv=3, inverse=inverse)
+
+
+def test_cholesky_kfac_follows_eigh_kfac():
+    """Same damped inverses up to the power iteration's rtol (1e-4 on lambda_max, so on lam):
+    the parameters after 15 steps agree to ~1e-5 relative, far below the step size."""
+    m1, m2 = make_model(), make_model()
+    o1, o2 = kfac(m1, "eigh"), kfac(m2, "cholesky")
+    start = torch.cat([p.detach().flatten().clone() for p in m1.parameters()])
+    run(m1, o1, 0, 15)
+    run(m2, o2, 0, 15)
+    p1 = torch.cat([p.detach().flatten() for p in m1.parameters()])
+    p2 = torch.cat([p.detach().flatten() for p in m2.parameters()])
+    assert rel(p2 - start, p1 - start) < 1e-4
+    assert {row["method"] for row in o2.describe()} == {"cholesky"}
+
+
+def test_cholesky_option_errors():
+    with pytest.raises(ValueError, match="inverse must be"):
+        bkfac.KFAC(make_model(), inverse="qr")
+
+    class TwoRanks(LocalComm):
+        world_size = 2
+
+    with pytest.raises(ValueError, match="one process only"):
+        bkfac.KFAC(make_model(), inverse="cholesky", comm=TwoRanks())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="unknown hyper-parameter 'inverse'"):
+            bkfac.make_optimizer("b-kfac", make_model(), defaults=None, inverse="cholesky")
