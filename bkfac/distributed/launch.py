@@ -151,6 +151,27 @@ def _loads(data: bytes):
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
+_FINISHED = "bkfac/launch/finished"
+
+
+def _wait_for_peers(ok: bool, timeout: float) -> None:
+    """Count this rank as finished in the default store; rank 0, which hosts the store, then
+    waits until every rank has finished -- at most ``timeout`` after a success, a short grace
+    (10 s) after a failure -- before the process group goes away. Without this, a peer that was
+    about to raise its own error (a bad batch, say) could instead see rank 0's store vanish and
+    report a connection error; a peer stuck in a collective still fails soon after the grace."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.add(_FINISHED, 1)
+        if dist.get_rank() != 0:
+            return
+        deadline = time.monotonic() + (timeout if ok else min(10.0, timeout))
+        while store.add(_FINISHED, 0) < dist.get_world_size() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except Exception:  # best effort: a peer's connection may be gone already
+        pass
+
+
 def _worker(rank, world_size, port, backend, timeout, threads, fn, args, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
@@ -167,6 +188,7 @@ def _worker(rank, world_size, port, backend, timeout, threads, fn, args, results
                 dist.barrier()
             except Exception:  # a peer failed: its own report says why
                 pass
+        _wait_for_peers(payload[0] == "ok", timeout)
         try:
             dist.destroy_process_group()  # closes the connections: waiting peers fail at once
         except Exception:  # pragma: no cover - best effort on the way out
