@@ -23,8 +23,8 @@ Augmented input ``a = [x; 1]`` (bias column only when the layer has a bias). Wit
 ``g_i`` is the gradient of the *per-sample* loss, as in DESIGN.md.
 
 Conv2d (KFC, Grosse and Martens 2016): ``a_{i,t}`` is the unfolded input patch at output
-position ``t`` (``torch.nn.functional.unfold``, ordered ``(C_in, kh, kw)`` like
-``weight.view(C_out, -1)``), plus the bias entry; ``T = H_out W_out``, ``n_M = n T``.
+position ``t`` (what ``torch.nn.functional.unfold`` gives, ordered ``(C_in, kh, kw)`` like
+``weight.view(C_out, -1)``; built from ``Tensor.unfold`` views with one copy), plus the bias entry; ``T = H_out W_out``, ``n_M = n T``.
 The same formulas hold: ``A = mean over samples and positions of a a^T`` and
 ``Gamma = (1/n) sum_{i,t} g g^T`` (sum over positions), whose Kronecker product equals
 KFC's ``Omega (x) Gamma`` (they split the factor ``T`` differently; the product is what
@@ -35,6 +35,9 @@ layers then get the plain SGD step).
 Hooks record only in training mode with gradients enabled; in-place activations after a
 layer are fine (the gradient hook sits on the layer's own output). ``remove()`` takes the
 hooks away. Monte-Carlo Fisher (eq. 2): :meth:`KFactorCapture.sampled_fisher_backward`.
+Methods that only need ``A_k A_k^T`` and ``G_k G_k^T`` get them from
+:meth:`LayerCapture.batch_outer_A` / :meth:`LayerCapture.batch_outer_G` without forming the
+batch matrices.
 """
 
 from __future__ import annotations
