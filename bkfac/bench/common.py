@@ -295,6 +295,26 @@ def loglog_slope(x: Sequence[float], y: Sequence[float]) -> float:
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
 
 
+def load_bench_profile(args, device: torch.device):
+    """The run profile of ``bench step``/``bench peer``: ``--profile``, else ``smoke`` with
+    ``--quick``, else ``paper`` on CUDA and ``cpu`` otherwise."""
+    from ..experiments.profiles import load_profile
+
+    name = getattr(args, "profile", None)
+    if args.quick:
+        name = name or "smoke"
+    return load_profile(name or ("paper" if device.type == "cuda" else "cpu"))
+
+
+def load_average() -> str:
+    """The machine's 1/5/15-minute load averages (``n/a`` where /proc is missing)."""
+    try:
+        with open("/proc/loadavg", encoding="utf-8") as fh:
+            return " ".join(fh.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
 def verdict(ok: bool | None) -> str:
     """``PASS`` / ``FAIL`` / ``n/a`` (target not measurable in this run)."""
     return "n/a" if ok is None else ("PASS" if ok else "FAIL")

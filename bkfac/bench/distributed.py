@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .common import format_table, machine_info, resolve_device, resolve_dtype, write_csv_atomic
+from .common import format_table, load_average, machine_info, resolve_device, resolve_dtype, write_csv_atomic
 
 __all__ = ["main", "bench_distributed", "ROW_COLUMNS", "METHODS"]
 
@@ -180,7 +180,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"bkfac bench distributed  ({'quick' if args.quick else 'small'} model: SmallCNN {cfg['model']}, "
           f"global batch {cfg['global_batch']}, rank {cfg['rank']}, every period 1)")
     print(f"machine: {info['cpu_model']}, {info['cpu_cores']} cores, torch {info['torch_version']}, device "
-          f"{info['device']} [{info['device_name']}]; load average {_load_average()}")
+          f"{info['device']} [{info['device_name']}]; load average {load_average()}")
     print(f"(world size, threads per rank): {configs} ({'nccl' if device.type == 'cuda' else 'gloo, loopback'}); "
           f"{steps} timed steps per method after a warm-up; median per rank, max over ranks")
     t0 = time.perf_counter()
@@ -196,13 +196,6 @@ def main(args: argparse.Namespace) -> int:
           "comm = time in the optimizer's collectives; DDP's all-reduce is in fwd/bwd)")
     out = Path(args.out)
     path = write_csv_atomic(out / "distributed.csv", rows, ROW_COLUMNS)
-    print(f"load average after the run: {_load_average()}")
+    print(f"load average after the run: {load_average()}")
     print(f"wrote {path} in {time.perf_counter() - t0:.0f}s")
     return 0
-
-
-def _load_average() -> str:
-    try:
-        return " ".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:  # pragma: no cover
-        return "n/a"

@@ -62,6 +62,8 @@ import torch.nn.functional as F
 
 from .common import (
     format_table,
+    load_average,
+    load_bench_profile,
     machine_info,
     resolve_device,
     resolve_dtype,
@@ -276,23 +278,6 @@ def bench_peer(profile, asdl, *, device="cpu", dtype=torch.float32, repeats: int
     return rows, factor_rows
 
 
-def _load_profile(args, device):
-    from ..experiments.profiles import load_profile
-
-    name = getattr(args, "profile", None)
-    if args.quick:
-        name = name or "smoke"
-    return load_profile(name or ("paper" if device.type == "cuda" else "cpu"))
-
-
-def _load_average() -> str:
-    try:
-        with open("/proc/loadavg", encoding="utf-8") as fh:
-            return " ".join(fh.read().split()[:3])
-    except OSError:
-        return "n/a"
-
-
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``bkfac bench peer`` (exit status 2 when the peer is not installed)."""
     asdl = load_peer()
@@ -301,7 +286,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype)
-    profile = _load_profile(args, device)
+    profile = load_bench_profile(args, device)
     out = Path(args.out)
     set_threads(getattr(args, "threads", None))
     info = machine_info(device)
@@ -316,7 +301,7 @@ def main(args: argparse.Namespace) -> int:
           "inverses every step; ours: k-fac with t_updt = t_inv = 1, eigh (the paper's) or Cholesky inverses every step")
     print(f"machine: {info['cpu_model']}, {info['cpu_cores']} cores, torch {info['torch_version']} "
           f"({info['torch_threads']} threads), device {info['device']} [{info['device_name']}]; "
-          f"load average {_load_average()}")
+          f"load average {load_average()}")
     t0 = time.perf_counter()
     rows, factors = bench_peer(profile, asdl, device=device, dtype=dtype, repeats=args.repeats,
                                budget_s=args.max_seconds, seed=args.seed)
@@ -344,7 +329,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"target {t['verdict']:4s}  our k-fac step (Cholesky inverse, as the peer's) at least as fast as the "
               f"peer's: peer / ours = {t['value']:.3g} (want {t['threshold']})")
     print(f"             (with the paper's eigh inverse: peer / ours = {step[PEER] / step[OURS]:.3g})")
-    print(f"load average after the run: {_load_average()}")
+    print(f"load average after the run: {load_average()}")
     written = [write_csv_atomic(out / "peer.csv", rows, TIMING_COLUMNS),
                write_csv_atomic(out / "peer_factors.csv", factors, FACTOR_COLUMNS),
                write_csv_atomic(out / "peer_targets.csv", targets, TARGET_COLUMNS)]

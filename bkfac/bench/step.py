@@ -65,6 +65,8 @@ import torch.nn.functional as F
 
 from .common import (
     format_table,
+    load_average,
+    load_bench_profile,
     machine_info,
     resolve_device,
     resolve_dtype,
@@ -395,29 +397,11 @@ def plot_step(summary: list[dict], path, title: str = "") -> Path:
     return save_figure_atomic(fig, path, dpi=120)
 
 
-def _load_profile(args, device):
-    from ..experiments.profiles import load_profile
-
-    name = getattr(args, "profile", None)
-    if args.quick:
-        name = name or "smoke"
-    name = name or ("paper" if device.type == "cuda" else "cpu")
-    return load_profile(name)
-
-
-def _load_average() -> str:
-    try:
-        with open("/proc/loadavg", encoding="utf-8") as fh:
-            return " ".join(fh.read().split()[:3])
-    except OSError:
-        return "n/a"
-
-
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``bkfac bench step``."""
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype)
-    profile = _load_profile(args, device)
+    profile = load_bench_profile(args, device)
     out = Path(args.out)
     set_threads(getattr(args, "threads", None))
     info = machine_info(device)
@@ -425,7 +409,7 @@ def main(args: argparse.Namespace) -> int:
           f"{steps_per_epoch(profile)} steps per epoch)")
     print(f"machine: {info['cpu_model']}, {info['cpu_cores']} cores, torch {info['torch_version']} "
           f"({info['torch_threads']} threads), device {info['device']} [{info['device_name']}]; "
-          f"load average {_load_average()}")
+          f"load average {load_average()}")
     print(f"data: CIFARLoader augmentation over synthetic uint8 images on {device}; dtype {args.dtype}; "
           f"median of up to {args.repeats} runs per kind of step{'' if args.quick else ' after a warm-up'}, "
           "interleaved; per-epoch time amortised over the "
@@ -450,7 +434,7 @@ def main(args: argparse.Namespace) -> int:
     print()
     for t in targets:
         print(f"target {t['verdict']:4s}  {t['target']}: {t['value']:.3g} (want {t['threshold']})")
-    print(f"load average after the run: {_load_average()}")
+    print(f"load average after the run: {load_average()}")
     written = [write_csv_atomic(out / "step.csv", summary, SUMMARY_COLUMNS),
                write_csv_atomic(out / "step_kinds.csv", kinds, KIND_COLUMNS),
                write_csv_atomic(out / "step_targets.csv", targets, TARGET_COLUMNS)]
