@@ -133,3 +133,30 @@ def test_cholesky_option_errors():
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match="unknown hyper-parameter 'inverse'"):
             bkfac.make_optimizer("b-kfac", make_model(), defaults=None, inverse="cholesky")
+
+
+@pytest.mark.parametrize("cls", [EighInverse, CholeskyInverse])
+@pytest.mark.parametrize("t_inv", [1, 3])
+def test_damped_apply_both_sides(cls, t_inv):
+    """The optimizer's entry point: a dense route where the representation serves several steps
+    (t_inv > 1), the Cholesky solve at t_inv = 1, and None (apply (U, d)) for eigh at t_inv = 1."""
+    dim, phi, floor = 30, 0.05, 1e-7
+    kw = dict(rtol=1e-13) if cls is CholeskyInverse else {}
+    inv = cls(dim, rho=0.8, t_inv=t_inv, dtype=torch.float64, generator=torch.Generator().manual_seed(2), **kw)
+    ref = None
+    for k, M in enumerate(ea_factor(dim, 9, 7, steps=4)):
+        inv.observe(k, M)
+        ref = M @ M.T if ref is None else 0.8 * ref + 0.2 * M @ M.T
+        inv.refresh(k)
+        if k % t_inv == 0:
+            snapshot = ref.clone()
+    lam = phi * torch.linalg.eigvalsh(snapshot)[-1]
+    explicit = torch.linalg.inv(snapshot + lam * torch.eye(dim, dtype=torch.float64))
+    X = torch.randn(dim, 5, dtype=torch.float64)
+    left = inv.damped_apply(X, "left", phi, floor)
+    right = inv.damped_apply(X.T, "right", phi, floor)
+    if cls is EighInverse and t_inv == 1:
+        assert left is None and right is None
+        return
+    assert rel(left, explicit @ X) < 1e-9
+    assert rel(right, X.T @ explicit) < 1e-9

@@ -134,8 +134,15 @@ class FactorInverse:
 
     def damped_inverse(self, phi: float, min_damping: float) -> Tensor | None:
         """``(factor + lam I)^{-1}`` as a dense matrix, ``lam = max(phi * lambda_max, min_damping)``,
-        where this method keeps a full-rank representation; ``None`` otherwise (the optimizer
-        then applies the low-rank representation, Alg. 1 lines 16-17)."""
+        where this method keeps a full-rank representation; ``None`` otherwise."""
+        return None
+
+    def damped_apply(self, X: Tensor, side: str, phi: float, min_damping: float) -> Tensor | None:
+        """``(factor + lam I)^{-1} X`` (``side='left'``) or ``X (factor + lam I)^{-1}`` (``'right'``)
+        by this method's own dense route, or ``None``: the optimizer then applies the
+        representation ``(U, d)`` (Alg. 1 lines 16-17). Dense routes exist for the full-rank
+        methods; they are used where the representation serves several steps (``t_inv > 1``),
+        so that forming a dense inverse pays off."""
         return None
 
     def representation(self) -> tuple[Tensor, Tensor]:
@@ -213,6 +220,16 @@ class EighInverse(_Recompute, FactorInverse):
             self._inverse_cache = cache = (key, inv)
         return cache[1]
 
+    def damped_apply(self, X: Tensor, side: str, phi: float, min_damping: float) -> Tensor | None:
+        # with t_inv = 1 the dense inverse (2 d^3 flops) would serve one step: apply (U, d) instead
+        if self.t_inv == 1:
+            return None
+        inv = self.damped_inverse(phi, min_damping)
+        if inv is None:
+            return None
+        X = X.to(inv.dtype)
+        return inv @ X if side == "left" else X @ inv
+
 
 class CholeskyInverse(_Recompute, FactorInverse):
     """k-fac with a Cholesky inverse (an option, ``KFAC(inverse="cholesky")``; not in the paper).
@@ -247,7 +264,8 @@ class CholeskyInverse(_Recompute, FactorInverse):
         raise RuntimeError("CholeskyInverse keeps no eigen-representation (U, d); use damped_inverse() "
                            "or the eigh inverse (KFAC(inverse='eigh'))")
 
-    def damped_inverse(self, phi: float, min_damping: float) -> Tensor | None:
+    def _cholesky(self, phi: float, min_damping: float) -> list:
+        """``[key, L, explicit inverse or None]`` for the current snapshot and damping (cached)."""
         if self.snapshot is None:
             raise RuntimeError("CholeskyInverse: no inverse yet (no statistics observed)")
         key = (self.updates, float(phi), float(min_damping))
@@ -262,8 +280,27 @@ class CholeskyInverse(_Recompute, FactorInverse):
                 if bool(info):
                     raise RuntimeError(f"Cholesky of a damped {self.dim}x{self.dim} K-factor failed (lam = {float(lam):.3g}); "
                                        "raise the damping or use inverse='eigh'")
-            self._inverse_cache = cache = (key, torch.cholesky_inverse(L).to(self.snapshot.dtype))
-        return cache[1]
+                L = L.to(M.dtype)
+            self._inverse_cache = cache = [key, L, None]
+        return cache
+
+    def damped_inverse(self, phi: float, min_damping: float) -> Tensor | None:
+        cache = self._cholesky(phi, min_damping)
+        if cache[2] is None:
+            cache[2] = torch.cholesky_inverse(cache[1])
+        return cache[2]
+
+    def damped_apply(self, X: Tensor, side: str, phi: float, min_damping: float) -> Tensor | None:
+        """With ``t_inv > 1``: one GEMM with the explicit inverse (formed once per snapshot and
+        damping); with ``t_inv = 1``: two triangular solves with the Cholesky factor, which
+        costs less than forming an inverse used once."""
+        if self.t_inv > 1:
+            inv = self.damped_inverse(phi, min_damping)
+            X = X.to(inv.dtype)
+            return inv @ X if side == "left" else X @ inv
+        L = self._cholesky(phi, min_damping)[1]
+        X = X.to(L.dtype)
+        return torch.cholesky_solve(X, L) if side == "left" else torch.cholesky_solve(X.mT, L).mT
 
     def state_bytes(self) -> int:
         return super().state_bytes() + sum(t.numel() * t.element_size() for t in (self.snapshot,) if t is not None)

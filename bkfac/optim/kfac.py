@@ -461,22 +461,19 @@ class KFACFamily(torch.optim.Optimizer):
                     A_hat = damped_inverse_apply(UA, dA, lamA, A, side="left", check=False)
                     S = (G_hat * scale) @ A_hat.mT
                 else:
-                    # Alg. 1 lines 16-17, with a dense damped inverse where the representation is
-                    # full rank (k-fac: one GEMM a side), else the low-rank application
+                    # Alg. 1 lines 16-17; a full-rank method applies its own dense route where it
+                    # pays off (k-fac: one GEMM a side with a cached inverse), else (U, d) is applied
                     phi = _value(self.damping_phi, self.epoch)
-                    Ai = L.inv_A.damped_inverse(phi, self.min_damping)
-                    Gi = L.inv_G.damped_inverse(phi, self.min_damping)
                     J = L.capture.grad_matrix()
-                    if Ai is not None:
-                        S = J.to(Ai.dtype) @ Ai
-                    else:
+                    S = L.inv_A.damped_apply(J, "right", phi, self.min_damping)
+                    if S is None:
                         UA, dA, lamA = self._damped(L.inv_A)
                         S = damped_inverse_apply(UA, dA, lamA, J.to(UA.dtype), side="right", check=False)
-                    if Gi is not None:
-                        S = Gi @ S.to(Gi.dtype)
-                    else:
+                    T = L.inv_G.damped_apply(S, "left", phi, self.min_damping)
+                    if T is None:
                         UG, dG, lamG = self._damped(L.inv_G)
-                        S = damped_inverse_apply(UG, dG, lamG, S.to(UG.dtype), side="left", check=False)
+                        T = damped_inverse_apply(UG, dG, lamG, S.to(UG.dtype), side="left", check=False)
+                    S = T
                 updates[id(L)] = S
         with timer.phase("rest"):
             self._clip(updates)
