@@ -240,3 +240,16 @@ def test_bad_input_damping_and_shapes():
         linear_time_precondition(G, A, U, d, float("nan"), UG, dG, 0.1)
     with pytest.raises(ValueError, match="lam"):
         spectrum_continuation(d, -1.0)
+
+
+@pytest.mark.parametrize("D,N", [(5, 40), (256, 300), (300, 1000), (577, 700), (600, 100)])
+def test_gram_is_x_xt(D, N):
+    from bkfac.linalg import gram
+
+    X = torch.randn(D, N, dtype=torch.float64, generator=torch.Generator().manual_seed(D))
+    G = gram(X)
+    ref = X @ X.T
+    assert float((G - ref).abs().max() / ref.abs().max()) < 1e-13
+    assert float((G - G.T).abs().max() / ref.abs().max()) < 1e-15
+    Xt = torch.randn(N, D, dtype=torch.float64).T  # a transposed view (a Linear layer's columns)
+    assert float((gram(Xt) - Xt @ Xt.T).abs().max() / (Xt @ Xt.T).abs().max()) < 1e-13

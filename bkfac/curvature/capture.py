@@ -50,6 +50,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..linalg.lowrank import gram
+
 __all__ = ["KFactorCapture", "LayerCapture", "supported_reason"]
 
 
@@ -221,9 +223,9 @@ class LayerCapture:
         X = self._input_cols(x)
         D, N = X.shape
         if not self.has_bias:
-            return (X @ X.mT).mul_(1.0 / N)
+            return gram(X).mul_(1.0 / N)
         out = X.new_empty(self.d_A, self.d_A)
-        torch.mm(X, X.mT, out=out[:D, :D])
+        out[:D, :D] = gram(X)
         s = X.sum(1)
         out[:D, D] = s
         out[D, :D] = s
@@ -233,7 +235,7 @@ class LayerCapture:
     def batch_outer_G(self, reduction: str = "mean", dtype=None) -> Tensor:
         """``G_k G_k^T`` (d_G x d_G) without forming ``G_k``."""
         cols, n = self._grad_cols(reduction, dtype)
-        return (cols @ cols.mT).mul_(self._g_scale(reduction, n) ** 2)
+        return gram(cols).mul_(self._g_scale(reduction, n) ** 2)
 
     def grad_matrix(self) -> Tensor:
         """The gradient in matrix form ``[dL/dW, dL/db]`` (d_G x d_A)."""

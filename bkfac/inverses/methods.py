@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_open_unit, check_positive_int, clamp_rounding_negatives
-from ..linalg import brand_update, lambda_max, light_correction, rsvd, safe_eigh, srevd, truncate
+from ..linalg import brand_update, gram, lambda_max, light_correction, rsvd, safe_eigh, srevd, truncate
 
 __all__ = [
     "FactorInverse",
@@ -116,7 +116,7 @@ class FactorInverse:
         """Hook for methods that need the EA factor of step k-1 (b-r-kfac), before it moves on."""
 
     def _update_dense(self, batch: Tensor) -> None:
-        self._accumulate(batch @ batch.mT)
+        self._accumulate(gram(batch))
 
     def _accumulate(self, outer: Tensor) -> None:
         """Eq. (5) with the batch factor ``outer = M_k M_k^T``."""

@@ -20,6 +20,7 @@ from .eig import EighError, lambda_max, safe_eigh
 from .lowrank import (
     damped_inverse_apply,
     dense_from_lowrank,
+    gram,
     kfac_precondition,
     light_correction,
     linear_time_factors,
@@ -38,6 +39,7 @@ __all__ = [
     "lambda_max",
     "damped_inverse_apply",
     "dense_from_lowrank",
+    "gram",
     "kfac_precondition",
     "light_correction",
     "linear_time_factors",
