@@ -83,6 +83,7 @@ class FactorInverse:
         self.epoch = 1
         self.updates = 0  # number of representation updates performed (for tests/inspection)
         self._batch: Tensor | None = None
+        self._inverse_cache = None  # (key, ...) of a dense route (damped_inverse / damped_apply)
 
     # -- the three calls of the optimizer ---------------------------------------------------
     def wants_batch(self, k: int) -> bool:
@@ -213,7 +214,7 @@ class EighInverse(_Recompute, FactorInverse):
         if self.U is None or self.U.shape[1] != self.dim:
             return None
         key = (self.updates, id(self.U), self.U._version, float(phi), float(min_damping))
-        cache = getattr(self, "_inverse_cache", None)
+        cache = self._inverse_cache
         if cache is None or cache[0] != key:
             lam = torch.clamp(self.d[0] * phi, min=min_damping)
             inv = (self.U / (self.d + lam)) @ self.U.mT
@@ -269,7 +270,7 @@ class CholeskyInverse(_Recompute, FactorInverse):
         if self.snapshot is None:
             raise RuntimeError("CholeskyInverse: no inverse yet (no statistics observed)")
         key = (self.updates, float(phi), float(min_damping))
-        cache = getattr(self, "_inverse_cache", None)
+        cache = self._inverse_cache
         if cache is None or cache[0] != key:
             lam = torch.clamp(self.lam_max * phi, min=min_damping)
             M = self.snapshot.clone()
