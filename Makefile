@@ -6,13 +6,15 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.bkfac-installed
 PROFILE ?= cpu
 
-.PHONY: all venv test test-fast reproduce bench preview clean help
+.PHONY: all venv test test-fast reproduce bench preview cuda-check clean help
 
 help:
 	@echo "make test       run the whole test suite (unit tests + nbval over every chapter, smoke profile)"
 	@echo "make reproduce  regenerate every figure and table (profile: PROFILE=$(PROFILE)), then render the book"
 	@echo "make bench      run the benchmark suite (bkfac bench all)"
 	@echo "make preview    render the executed chapters to HTML with nbconvert (no Quarto needed)"
+	@echo "make cuda-check on a CUDA machine: CUDA tests, CPU-vs-CUDA correctness, step benchmark and one epoch"
+	@echo "                per optimizer of the paper profile (synthetic data); CUDA_OUT=$(CUDA_OUT)"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +50,23 @@ bench: $(STAMP)
 preview: $(STAMP)
 	$(PY) -m bkfac.book preview --out .preview
 	@echo "open .preview/index.html"
+
+# The GPU check, one prepared script (no install: CUDA_PY may be any python with torch and this
+# checkout on its path). CUDA_PROFILE/CUDA_DEVICE=smoke/cpu give a dry run on a CPU machine.
+CUDA_PY      ?= $(PY)
+CUDA_OUT     ?= data/results/bench/cuda
+CUDA_PROFILE ?= paper
+CUDA_DEVICE  ?= cuda
+CUDA_TESTS   := tests/test_linalg_brand.py::test_brand_update_float32_cuda tests/test_seng.py::test_cuda_matches_cpu \
+                tests/test_distributed.py::test_cuda_two_gloo_ranks_and_nccl
+cuda-check:
+	mkdir -p $(CUDA_OUT)
+	$(CUDA_PY) -m pytest -q -p no:cacheprovider --timeout=300 $(CUDA_TESTS) 2>&1 | tee $(CUDA_OUT)/tests.log
+	-$(CUDA_PY) -m bkfac.bench.cuda_check --device $(CUDA_DEVICE) --steps 0 --out $(CUDA_OUT)
+	$(CUDA_PY) -m bkfac bench step --profile $(CUDA_PROFILE) --device $(CUDA_DEVICE) --repeats 3 --max-seconds 30 \
+	  --out $(CUDA_OUT) 2>&1 | tee $(CUDA_OUT)/step.log
+	$(CUDA_PY) -m bkfac train --profile $(CUDA_PROFILE) --device $(CUDA_DEVICE) --optimizer all --epochs 1 \
+	  --synthetic-data --quiet --out $(CUDA_OUT)/runs 2>&1 | tee $(CUDA_OUT)/epochs.log
 
 clean:
 	rm -rf .nbrun .preview _book .pytest_cache

@@ -351,6 +351,23 @@ def test_subset_is_class_balanced_and_deterministic(png_root, tmp_path):
         subset(a, 10, 0, seed=0)
 
 
+def test_synthetic_data_has_cifar_shapes_balanced_labels_and_is_seeded():
+    a = D.synthetic_cifar10(50, 20, seed=1)
+    assert a.train_x.shape == (50, 3, 32, 32) and a.train_x.dtype == torch.uint8
+    assert a.test_x.shape == (20, 3, 32, 32) and a.test_y.dtype == torch.int64
+    assert torch.bincount(a.train_y, minlength=10).tolist() == [5] * 10
+    assert torch.bincount(a.test_y, minlength=10).tolist() == [2] * 10
+    assert a.layout == "synthetic" and "synthetic" in a.source
+    b = D.synthetic_cifar10(50, 20, seed=1)
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+    assert not torch.equal(a.train_x, D.synthetic_cifar10(50, 20, seed=2).train_x)
+    assert int(a.train_x.min()) < 10 and int(a.train_x.max()) > 245  # the full uint8 range is used
+    with pytest.raises(ValueError, match="n_train"):
+        D.synthetic_cifar10(0, 20)
+    with pytest.raises(ValueError, match="seed"):
+        D.synthetic_cifar10(10, 10, seed=-1)
+
+
 # ------------------------------------------------------------------ augmentation
 
 

@@ -56,6 +56,22 @@ def test_every_optimizer_trains_on_smoke_and_writes_results(run, fake_data, tmp_
     assert (out / "checkpoint.pt").exists()
 
 
+def test_synthetic_data_run_never_reads_cifar_and_writes_apart(tmp_path, monkeypatch):
+    def refuse(*a, **kw):
+        raise AssertionError("--synthetic-data must not load CIFAR-10")
+
+    monkeypatch.setattr(train_mod, "load_cifar10", refuse)
+    rc = main(["train", "--profile", "smoke", "--optimizer", "b-kfac", "--out", str(tmp_path), "--quiet",
+               "--epochs", "1", "--synthetic-data"])
+    assert rc == 0
+    assert not (tmp_path / "smoke").exists()  # real results are never overwritten by a timing run
+    out = tmp_path / "smoke-synthetic" / "b-kfac" / "seed0"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"].startswith("synthetic") and summary["epochs_run"] == 1
+    assert summary["batches_per_epoch"] == 10  # the smoke profile's 640 images in batches of 64
+    assert float(read_csv(out / "history.csv")[0]["t_statistics"]) > 0
+
+
 def test_resume_after_interruption_gives_the_same_numbers(fake_data, tmp_path):
     profile = load_profile("smoke")
     full = train_mod.train_run(profile, "b-kfac", out_root=str(tmp_path / "a"), progress=False)

@@ -1,7 +1,11 @@
 """One short prepared CUDA check: correctness of every optimizer on CUDA, and the `paper` profile's
 per-step breakdown.
 
-    python -m bkfac.bench.cuda_check --out DIR [--steps 251] [--quick]
+    python -m bkfac.bench.cuda_check --out DIR [--steps 251] [--device cuda]
+
+(``make cuda-check`` runs it with ``--steps 0``, correctness only, beside the CUDA tests,
+``bkfac bench step --profile paper --device cuda`` and one synthetic-data epoch of every run of
+the ``paper`` profile.)
 
 1. Correctness: a small conv + wide-FC model in float64, 6 steps of every optimizer
    (k-fac, r-kfac, sre-kfac, b-kfac, b-r-kfac, b-kfac-c, seng, sgd) on CPU and on CUDA from the
@@ -12,6 +16,7 @@ per-step breakdown.
    T_updt 25, T_brand 125 and the T_inv = T_rsvd = 250 recomputation); per phase: forward/backward
    and the optimizer's statistics / inverse / precondition / rest (timer synchronised with CUDA).
    The per-epoch estimate is ``195 * mean step time`` (an epoch has 195 batches of 256).
+   ``--steps 0`` skips this part.
 
 Writes ``cuda_correctness.csv``, ``cuda_step.csv`` and ``cuda_check.txt`` under ``--out``.
 """
@@ -130,7 +135,9 @@ def main(argv=None) -> int:
     print(lines[0], flush=True)
     corr = correctness(args.device)
     write_csv(out / "cuda_correctness.csv", corr)
-    if args.device.startswith("cuda"):
+    if args.steps < 0:
+        raise SystemExit(f"--steps must be >= 0, got {args.steps}")
+    if args.device.startswith("cuda") and args.steps > 0:
         tim = timing(args.device, args.steps, out)
         write_csv(out / "cuda_step.csv", tim)
         sgd = next(r for r in tim if r["optimizer"] == "sgd")["ms_per_step"]

@@ -30,6 +30,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "seng, sgd) or 'all' (default: b-kfac)")
     p.add_argument("--epochs", type=int, default=None, help="override the profile's number of epochs")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--synthetic-data", action="store_true",
+                   help="train on random CIFAR-shaped images with balanced random labels instead of CIFAR-10, "
+                        "for timing where the data set is not at hand (accuracy stays near 10 %%); results go "
+                        "under <out>/<profile>-synthetic/")
     p.add_argument("--nproc", type=int, default=1,
                    help="data-parallel processes on this machine (gloo on CPU, nccl on CUDA); under torchrun "
                         "(torchrun --nproc-per-node N -m bkfac train ...) leave it at 1")
@@ -56,11 +60,13 @@ def run_train(args) -> int:
             if args.nproc > 1:
                 s = train_distributed(args.profile, run, args.nproc, seed=seed, device=args.device,
                                       data_dir=args.data_dir, out_root=args.out, resume=args.resume,
-                                      epochs=args.epochs, progress=not args.quiet)
+                                      epochs=args.epochs, progress=not args.quiet,
+                                      synthetic_data=args.synthetic_data)
                 print(f"{run} on {args.nproc} processes: final test acc {s.get('final_test_acc', float('nan')):.4f}")
                 continue
             res = train_run(profile, run, seed=seed, device=args.device, data_dir=args.data_dir, out_root=args.out,
-                            resume=args.resume, epochs=args.epochs, progress=not args.quiet)
+                            resume=args.resume, epochs=args.epochs, progress=not args.quiet,
+                            synthetic_data=args.synthetic_data)
             s = res.summary
             print(f"{res.label}: final test acc {s.get('final_test_acc', float('nan')):.4f}, "
                   f"t_epoch {s.get('t_epoch_mean', float('nan')):.1f} s -> {res.out_dir}")

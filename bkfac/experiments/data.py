@@ -43,6 +43,7 @@ __all__ = [
     "CIFAR10_STD",
     "CIFAR10_TRAIN_SIZE",
     "CIFAR10_TEST_SIZE",
+    "synthetic_cifar10",
     "DATA_DIR_ENV",
     "CACHE_DIR_ENV",
     "CIFAR10Arrays",
@@ -683,6 +684,36 @@ def subset(arrays: CIFAR10Arrays, n_train: int, n_test: int, seed: int = 0) -> C
         source=f"{arrays.source} [subset n_train={n_train} n_test={n_test} seed={seed}]",
         layout=arrays.layout,
     )
+
+
+def synthetic_cifar10(
+    n_train: int = CIFAR10_TRAIN_SIZE, n_test: int = CIFAR10_TEST_SIZE, seed: int = 0
+) -> CIFAR10Arrays:
+    """Random CIFAR-shaped data for timing runs where the real images are not at hand.
+
+    Uniform uint8 pixels and class-balanced labels in random order (``i % 10`` permuted), both
+    from a generator seeded with ``seed``: the same shapes, dtypes and sizes as CIFAR-10, so a
+    training step costs what it costs on the real data, but the labels carry no signal (test
+    accuracy stays near 10 %). Used by ``bkfac train --synthetic-data`` (the paper profile's
+    one-epoch CUDA timings, on a GPU machine the 180 MB data set cannot travel to).
+    """
+    for name, n in (("n_train", n_train), ("n_test", n_test)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    g = torch.Generator().manual_seed(seed)
+    k = len(CIFAR10_CLASSES)
+
+    def split(n: int) -> tuple[Tensor, Tensor]:
+        x = torch.randint(0, 256, (n, *IMAGE_SHAPE), generator=g, dtype=torch.uint8)
+        y = (torch.arange(n) % k)[torch.randperm(n, generator=g)]
+        return x, y
+
+    train_x, train_y = split(n_train)
+    test_x, test_y = split(n_test)
+    return CIFAR10Arrays(train_x, train_y, test_x, test_y, classes=CIFAR10_CLASSES,
+                         source=f"synthetic [n_train={n_train} n_test={n_test} seed={seed}]", layout="synthetic")
 
 
 # --------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..optim.factory import make_optimizer
-from .data import load_cifar10, make_loaders, subset
+from .data import CIFAR10_TEST_SIZE, CIFAR10_TRAIN_SIZE, load_cifar10, make_loaders, subset, synthetic_cifar10
 from .models import build_model
 from .profiles import Profile
 from .results import atomic_torch_save, read_csv, results_dir, write_csv, write_json
@@ -138,10 +138,14 @@ def train_run(
     epochs: int | None = None,
     progress: bool = True,
     stop_after_batches: int | None = None,
+    synthetic_data: bool = False,
 ) -> RunResult:
     """Train run ``run`` of ``profile`` (see module docstring). ``stop_after_batches`` simulates
     an interruption (for tests): the run stops after that many batches of the last epoch
-    without writing that epoch."""
+    without writing that epoch. ``synthetic_data`` trains on
+    :func:`~bkfac.experiments.data.synthetic_cifar10` (random images of the profile's sizes, for
+    timing only) and writes under ``<root>/<profile>-synthetic/`` so that real results are
+    never overwritten by a timing run."""
     from tqdm.auto import tqdm
 
     import torch.distributed as tdist
@@ -154,14 +158,20 @@ def train_run(
     progress = progress and lead
     t = profile.train
     n_epochs = epochs or t["epochs"]
-    out_dir = results_dir(profile.name, out_root) / run / f"seed{seed}"
+    results_name = profile.name + ("-synthetic" if synthetic_data else "")
+    out_dir = results_dir(results_name, out_root) / run / f"seed{seed}"
     ckpt_path = out_dir / "checkpoint.pt"
 
     partial = profile.data["n_train"] is not None or profile.data["n_test"] is not None
-    # a subset profile (smoke) accepts any copy large enough for its subset
-    arrays = load_cifar10(data_dir, expected_counts=None) if partial else load_cifar10(data_dir)
-    if partial:
-        arrays = subset(arrays, profile.data["n_train"] or arrays.n_train, profile.data["n_test"] or arrays.n_test, seed=0)
+    if synthetic_data:
+        arrays = synthetic_cifar10(profile.data["n_train"] or CIFAR10_TRAIN_SIZE,
+                                   profile.data["n_test"] or CIFAR10_TEST_SIZE, seed=0)
+    else:
+        # a subset profile (smoke) accepts any copy large enough for its subset
+        arrays = load_cifar10(data_dir, expected_counts=None) if partial else load_cifar10(data_dir)
+        if partial:
+            arrays = subset(arrays, profile.data["n_train"] or arrays.n_train, profile.data["n_test"] or arrays.n_test,
+                            seed=0)
     train_loader, test_loader = make_loaders(arrays, batch_size=t["batch_size"], test_batch_size=t["test_batch_size"],
                                              seed=seed, device=dev)
     torch.manual_seed(seed)
@@ -268,7 +278,7 @@ def train_run(
     result.summary = summarize(history, t["targets"])
     result.summary.update(profile=profile.name, run=run, label=label, optimizer=opt_name, seed=seed,
                           device=str(dev), torch=torch.__version__, machine=platform.processor() or platform.machine(),
-                          batches_per_epoch=batches, world_size=world)
+                          batches_per_epoch=batches, world_size=world, data=arrays.source)
     if lead:
         write_json(out_dir / "summary.json", result.summary)
     return result
