@@ -18,6 +18,14 @@ the ``paper`` profile.)
    The per-epoch estimate is ``195 * mean step time`` (an epoch has 195 batches of 256).
    ``--steps 0`` skips this part.
 
+3. ``--syncs``: host synchronisations of every optimizer's step on the paper model, counted with
+   ``torch.cuda.set_sync_debug_mode("warn")`` over 8 steps with short periods (``SYNC_PERIODS``:
+   every kind of step occurs), grouped by the Python line that asked for them
+   (``cuda_syncs.csv``).
+4. ``--trace``: ``torch.profiler`` over 10 plain steps (after initialisation) of sgd, k-fac and
+   b-kfac on the paper model with the paper's hyper-parameters: the operators that take the GPU
+   time and the CPU time of ``optimizer.step()`` (``trace_<optimizer>.txt``).
+
 Writes ``cuda_correctness.csv``, ``cuda_step.csv`` and ``cuda_check.txt`` under ``--out``.
 """
 
@@ -26,6 +34,7 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -124,17 +133,123 @@ def timing(device, steps: int, out: Path | None = None) -> list[dict]:
     return rows
 
 
+SYNC_PERIODS = {
+    "k-fac": dict(t_updt=2, t_inv=4),
+    "r-kfac": dict(t_updt=2, t_inv=4),
+    "sre-kfac": dict(t_updt=2, t_inv=4),
+    "b-kfac": dict(t_updt=2, t_inv=8, t_brand=4),
+    "b-r-kfac": dict(t_updt=2, t_inv=8, t_brand=2, t_rsvd=4),
+    "b-kfac-c": dict(t_updt=2, t_inv=8, t_brand=2, t_corct=4),
+    "seng": dict(update_freq=3),
+    "sgd": {},
+}
+
+
+def _paper_batch(device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(256, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (256,), generator=g).to(device))
+
+
+def sync_report(device, steps: int = 8) -> list[dict]:
+    """Host synchronisations per optimizer step on the paper model (float32, batch 256), counted
+    by CUDA's sync debug mode after an initialising step 0, grouped by the Python line."""
+    rows = []
+    x, y = _paper_batch(device)
+    for name in NAMES:
+        torch.manual_seed(0)
+        model = paper_model().to(device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = make_optimizer(name, model, **SYNC_PERIODS[name])
+        counts: Counter = Counter()
+        for k in range(steps + 1):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            torch.cuda.synchronize()
+            if k == 0:
+                opt.step()  # initialisation, not counted
+                continue
+            with warnings.catch_warnings(record=True) as rec:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    opt.step()
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            counts.update(f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}"
+                          for w in rec if "synchroniz" in str(w.message))
+        total = sum(counts.values())
+        rows.append(dict(optimizer=name, steps=steps, syncs=total, syncs_per_step=total / steps,
+                         where="; ".join(f"{k} x{v}" for k, v in counts.most_common())))
+        print(f"syncs {name:9s} {total / steps:6.1f} per step: {rows[-1]['where']}", flush=True)
+        del model, opt
+        torch.cuda.empty_cache()
+    return rows
+
+
+def trace(device, out: Path, names=("sgd", "k-fac", "b-kfac"), steps: int = 10) -> None:
+    """``torch.profiler`` tables of ``steps`` plain steps (paper hyper-parameters) per optimizer."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    x, y = _paper_batch(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if str(device).startswith("cuda") else [])
+    on_gpu = len(acts) == 2
+    sorts = ("device_time_total", "self_device_time_total") if on_gpu else ("cpu_time_total", "self_cpu_time_total")
+    for name in names:
+        torch.manual_seed(0)
+        model = paper_model().to(device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = make_optimizer(name, model)
+
+        def one(tag):
+            opt.zero_grad(set_to_none=True)
+            with record_function(f"{tag}forward_backward"):
+                F.cross_entropy(model(x), y).backward()
+            with record_function(f"{tag}optimizer.step"):
+                opt.step()
+
+        for _ in range(2):  # step 0 initialises; step 1 is a plain one
+            one("")
+        if on_gpu:
+            torch.cuda.synchronize()
+        with profile(activities=acts) as prof:
+            for _ in range(steps):
+                one("## ")
+            if on_gpu:
+                torch.cuda.synchronize()
+        avg = prof.key_averages()
+        tables = [f"sorted by {key}\n" + avg.table(sort_by=key, row_limit=25 if key.startswith("self") else 12)
+                  for key in sorts]
+        atomic_write_text(out / f"trace_{name}.txt",
+                          f"{name}: {steps} plain steps, paper model, batch 256\n" + "\n".join(tables) + "\n")
+        print(f"trace {name}: written", flush=True)
+        del model, opt, prof
+        if on_gpu:
+            torch.cuda.empty_cache()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="data/results/bench")
     ap.add_argument("--steps", type=int, default=251)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--syncs", action="store_true", help="count host synchronisations per step (CUDA only)")
+    ap.add_argument("--trace", action="store_true", help="torch.profiler tables of sgd, k-fac and b-kfac steps")
+    ap.add_argument("--no-correctness", action="store_true", help="skip the CPU-vs-CUDA correctness part")
     args = ap.parse_args(argv)
     out = Path(args.out)
     lines = [f"torch {torch.__version__}, device {torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}"]
     print(lines[0], flush=True)
-    corr = correctness(args.device)
-    write_csv(out / "cuda_correctness.csv", corr)
+    corr = [] if args.no_correctness else correctness(args.device)
+    if corr:
+        write_csv(out / "cuda_correctness.csv", corr)
+    if args.syncs and args.device.startswith("cuda"):
+        syncs = sync_report(args.device)
+        write_csv(out / "cuda_syncs.csv", syncs)
+        lines += [f"syncs {r['optimizer']}: {r['syncs_per_step']:.1f} per step ({r['where']})" for r in syncs]
+    if args.trace:
+        trace(args.device, out)
     if args.steps < 0:
         raise SystemExit(f"--steps must be >= 0, got {args.steps}")
     if args.device.startswith("cuda") and args.steps > 0:

@@ -4,7 +4,8 @@
 optimizer run of the profile, and records per epoch: test accuracy and loss, training loss,
 wall time split into phases (data, forward/backward, and the optimizer's own phases:
 statistics, inverse, precondition, rest), and the time and number of epochs to each
-target accuracy. A checkpoint is written at the end of every epoch; ``resume=True``
+target accuracy (on CUDA the optimizer's timer synchronises the GPU at each phase boundary,
+``sync_timer=True``, so that asynchronous work is charged to the phase that launched it). A checkpoint is written at the end of every epoch; ``resume=True``
 restarts from the last one and, since the data order, the augmentation and every random
 number generator are restored, finishes with the same numbers as an uninterrupted run.
 
@@ -19,7 +20,8 @@ any number of processes. SENG's curvature is then each rank's own (local batch).
 Outputs under ``data/results/<profile>/<run>/seed<k>/`` (atomic writes):
 ``history.csv`` (one row per epoch), ``summary.json`` (times/epochs to targets, t_epoch),
 ``checkpoint.pt`` (latest epoch). Timing excludes evaluation on the test set, as the paper's
-t_epoch does not say otherwise; evaluation time is recorded separately.
+t_epoch does not say otherwise; evaluation time is recorded separately. ``synthetic_data=True`` (``--synthetic-data``) trains on
+random CIFAR-shaped images for timing and writes under ``data/results/<profile>-synthetic/``.
 """
 
 from __future__ import annotations
@@ -184,6 +186,10 @@ def train_run(
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
         if opt_name not in ("sgd", "seng"):
             hyper = {**hyper, "comm": TorchDistributedComm(device=dev)}
+    if dev.type == "cuda" and opt_name != "sgd":
+        # phases of a CUDA step are asynchronous: without a synchronisation at each phase boundary
+        # the work lands in whichever phase next waits for the GPU (the loop syncs around the step)
+        hyper = {**hyper, "sync_timer": True}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unsupported layers (BatchNorm) get SGD: listed by describe()
         opt = make_optimizer(opt_name, net, **hyper)
