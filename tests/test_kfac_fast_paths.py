@@ -160,3 +160,63 @@ def test_damped_apply_both_sides(cls, t_inv):
         return
     assert rel(left, explicit @ X) < 1e-9
     assert rel(right, X.T @ explicit) < 1e-9
+
+
+# ------------------------------------------------------------------ host syncs of a plain step
+
+
+class _CountSyncs:
+    """Counts the Python-side conversions of tensors to host values (``bool``, ``float``, ``int``,
+    ``item``, ``tolist``): on CUDA each one is a host synchronisation."""
+
+    NAMES = ("__bool__", "__float__", "__int__", "item", "tolist")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in self.NAMES:
+            real = getattr(torch.Tensor, name)
+
+            def counted(t, *a, _real=real, **k):
+                self.count += 1
+                return _real(t, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+@pytest.mark.parametrize("name", ["k-fac", "b-kfac", "b-r-kfac", "b-kfac-c"])
+def test_plain_step_syncs_once(name, monkeypatch):
+    """A step where no factor takes statistics asks the device for one value: the merged
+    finiteness check of the gradients (and, on the Alg. 8 layers, of A_k and G_k)."""
+    model = make_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        periods = {"k-fac": {}, "b-kfac": dict(t_brand=4), "b-r-kfac": dict(t_brand=4, t_rsvd=8),
+                   "b-kfac-c": dict(t_brand=4, t_corct=8)}[name]
+        extra = {} if name == "k-fac" else dict(rank=6, oversample=2)
+        opt = bkfac.make_optimizer(name, model, defaults=None, lr=0.05, t_updt=4, t_inv=8, **periods, **extra)
+    run(model, opt, 0, 2)  # step 0 initialises; step 1 is plain
+    if name != "k-fac":
+        assert any(L.linear_time for L in opt.layers)  # the Alg. 8 path is exercised
+    counter = _CountSyncs(monkeypatch)
+    run(model, opt, 2, 3)  # plain
+    assert counter.count == 1
+    counter.count = 0
+    run(model, opt, 3, 5)  # step 4 takes statistics: synchronous checks, one per batch matrix
+    assert counter.count > 1
+
+
+def test_deferred_checks_raise_the_gradient_error_and_leave_the_weights():
+    model = make_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = bkfac.make_optimizer("b-kfac", model, defaults=None, lr=0.05, t_updt=4, t_inv=8, t_brand=4, rank=6,
+                                   oversample=2)
+    run(model, opt, 0, 1)
+    x, y = torch.randn(16, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (16,))
+    x[0, 0, 0, 0] = float("nan")
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient in parameter '0\.weight' at step 1"):
+        opt.step()  # step 1: no factor observes, the checks are deferred to one sync
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))

@@ -366,22 +366,44 @@ class KFACFamily(torch.optim.Optimizer):
             d, lam = spectrum_continuation(d, lam, check=False)
         return U, d, lam
 
-    def _checked(self, M: Tensor, lc: LayerCapture, what: str, k: int, outer: bool = False) -> Tensor:
+    def _checked(self, M: Tensor, lc: LayerCapture, what: str, k: int, outer: bool = False,
+                 pending: list | None = None) -> Tensor:
         """``M`` when finite, else ``FloatingPointError`` naming the layer. For an outer product
-        (``outer=True``) the diagonal tells: a NaN or inf anywhere in the batch reaches it."""
+        (``outer=True``) the diagonal tells: a NaN or inf anywhere in the batch reaches it.
+        With a ``pending`` list the check is deferred to :meth:`_flush` (no host sync here)."""
         if self.check_finite:
             probe = M.diagonal() if outer else M
-            if not bool(torch.isfinite(probe).all()):
+            ok = torch.isfinite(probe).all()
+
+            def fail() -> None:
                 raise FloatingPointError(f"non-finite {what} in layer '{lc.name}' at step {k}")
+
+            if pending is not None:
+                pending.append((ok, fail))
+            elif not bool(ok):
+                fail()
         return M
 
-    def _check_grads(self) -> None:
+    @staticmethod
+    def _flush(pending: list) -> None:
+        """One host sync for all deferred finiteness checks; on failure the first failing check
+        (in the order they were made: gradients first) raises its own error."""
+        if pending and not bool(torch.stack([ok for ok, _ in pending]).all()):
+            for ok, fail in pending:
+                if not bool(ok):
+                    fail()
+
+    def _check_grads(self, pending: list | None = None) -> None:
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             return
         total = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]).sum()
-        if bool(torch.isfinite(total)):
-            return
+        if pending is not None:
+            pending.append((torch.isfinite(total), self._raise_grads))
+        elif not bool(torch.isfinite(total)):
+            self._raise_grads()
+
+    def _raise_grads(self) -> None:
         names = {id(p): n for n, p in self.model.named_parameters()}
         for g in self.param_groups:
             for p in g["params"]:
@@ -403,10 +425,16 @@ class KFACFamily(torch.optim.Optimizer):
         updates: dict[int, Tensor] = {}
         with timer.phase("statistics"):
             self.comm.all_reduce_gradients([p for g in self.param_groups for p in g["params"]])
-            if self.check_finite:
-                self._check_grads()
             if not self._initialized:
                 self._init_layers()
+            # On a step where no factor takes statistics (the Alg. 8 layers still build A_k, G_k)
+            # nothing is mutated before the precondition phase, so the finiteness checks of the
+            # gradients and of A_k, G_k share one host sync at the end of this phase; a step that
+            # feeds a factor checks each batch before it is folded in.
+            observing = any(inv is not None and inv.wants_batch(k) for L in self.layers for inv in (L.inv_A, L.inv_G))
+            pending: list | None = None if observing else []
+            if self.check_finite:
+                self._check_grads(pending)
             batches = {}
             for L in self.layers:
                 lc = L.capture
@@ -424,7 +452,8 @@ class KFACFamily(torch.optim.Optimizer):
                 if L.inv_A.wants_batch(k) and outer_A:
                     L.inv_A.observe_outer(k, self._checked(lc.batch_outer_A(dtype), lc, "input activations", k, True))
                 elif L.inv_A.wants_batch(k) or use_alg8:
-                    A = self._checked(self.comm.gather_columns(lc.batch_A(dtype)), lc, "input activations", k)
+                    A = self._checked(self.comm.gather_columns(lc.batch_A(dtype)), lc, "input activations", k,
+                                      pending=pending)
                     if L.inv_A.wants_batch(k) and self.comm.is_owner((lc.name, "A")):
                         L.inv_A.observe(k, A)
                 if L.inv_G.wants_batch(k) and outer_G:
@@ -432,10 +461,12 @@ class KFACFamily(torch.optim.Optimizer):
                                                            "output gradients", k, True))
                 elif L.inv_G.wants_batch(k) or use_alg8:
                     G = self._checked(self.comm.gather_columns(lc.batch_G(self.capture.reduction, dtype)), lc,
-                                      "output gradients", k)
+                                      "output gradients", k, pending=pending)
                     if L.inv_G.wants_batch(k) and self.comm.is_owner((lc.name, "G")):
                         L.inv_G.observe(k, G)
                 batches[id(L)] = (A, G, use_alg8)
+            if pending:
+                self._flush(pending)
         with timer.phase("inverse"):
             invs = {}
             for L in self.layers:
