@@ -111,6 +111,52 @@ def test_clear_errors(tmp_path, monkeypatch, capsys):
         train_mod.resolve_device("tpu")
 
 
+ONE_CYCLE = {"max_lr": 0.1, "pct_start": 0.25, "div_factor": 4.0, "final_div_factor": 50.0}
+
+
+def _smoke_with_one_cycle(tmp_path):
+    import yaml
+
+    from bkfac.experiments.profiles import PROFILE_DIR
+
+    raw = yaml.safe_load((PROFILE_DIR / "smoke.yaml").read_text())
+    raw["runs"]["sgd"]["lr_per_step"] = ONE_CYCLE
+    raw["runs"]["sgd"]["hyper"].pop("lr_schedule", None)
+    path = tmp_path / "smoke-onecycle.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_profile(str(path))
+
+
+def test_lr_per_step_follows_the_one_cycle_and_resumes(fake_data, tmp_path):
+    profile = _smoke_with_one_cycle(tmp_path)
+    seen = []
+    real_step = train_mod.torch.optim.SGD.step
+
+    def spy(opt, *a, **k):
+        seen.append(opt.param_groups[0]["lr"])
+        return real_step(opt, *a, **k)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(train_mod.torch.optim.SGD, "step", spy)
+    try:
+        full = train_mod.train_run(profile, "sgd", out_root=str(tmp_path / "a"), progress=False)
+    finally:
+        mp.undo()
+    n = profile.train["epochs"] * 10  # 640 images in batches of 64
+    assert len(seen) == n
+    peak = round(0.25 * n) - 1  # OneCycleLR's last warm-up step
+    lo, hi, end = 0.1 / 4, 0.1, 0.1 / (4 * 50)
+    # brute force: linear up from lo to hi over [0, peak], linear down to end over [peak, n - 1]
+    ref = [lo + (hi - lo) * k / peak if k <= peak else hi + (end - hi) * (k - peak) / (n - 1 - peak) for k in range(n)]
+    assert max(abs(a - b) for a, b in zip(seen, ref)) < 1e-12
+    # interrupted in the middle of the last epoch and resumed: the schedule comes back with the checkpoint
+    part = train_mod.train_run(profile, "sgd", out_root=str(tmp_path / "b"), progress=False, stop_after_batches=4)
+    assert part.summary == {"interrupted": True}
+    resumed = train_mod.train_run(profile, "sgd", out_root=str(tmp_path / "b"), progress=False, resume=True)
+    keys = ("test_acc", "test_loss", "train_loss", "lr")
+    assert [[h[k] for k in keys] for h in resumed.history] == [[h[k] for k in keys] for h in full.history]
+
+
 def test_profile_validation(tmp_path):
     import yaml
 
@@ -124,6 +170,10 @@ def test_profile_validation(tmp_path):
         (lambda r: r["model"].update(widht=2), r"unknown model parameter\(s\) \['widht'\]"),
         (lambda r: r["train"].update(targets=[93]), "train.targets must be accuracies"),
         (lambda r: r["runs"].update(bad={"optimizer": "adam"}), "unknown optimizer 'adam'"),
+        (lambda r: r["runs"]["sgd"].update(lr_per_step={"max_lr": 0.1}), "must have exactly the keys"),
+        (lambda r: r["runs"]["sgd"].update(lr_per_step=dict(ONE_CYCLE, pct_start=1.5)), r"pct_start must be in \(0, 1\)"),
+        (lambda r: r["runs"]["sgd"].update(lr_per_step=dict(ONE_CYCLE, max_lr=-1)), "max_lr must be a positive"),
+        (lambda r: r["runs"]["b-kfac"].update(lr_per_step=ONE_CYCLE), "lr_per_step and an lr_schedule"),
     ]:
         bad = yaml.safe_load(yaml.safe_dump(raw))
         mutate(bad)

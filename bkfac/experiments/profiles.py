@@ -125,6 +125,25 @@ class Profile:
         return opt, hyper, spec.get("label", name)
 
 
+LR_PER_STEP_KEYS = ("max_lr", "pct_start", "div_factor", "final_div_factor")
+
+
+def _check_lr_per_step(where: str, spec) -> None:
+    """A run's ``lr_per_step``: the arguments of a linear one-cycle schedule (see
+    :func:`bkfac.experiments.train.one_cycle`), all four required."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where} must be a mapping with keys {', '.join(LR_PER_STEP_KEYS)}")
+    if set(spec) != set(LR_PER_STEP_KEYS):
+        raise ValueError(f"{where} must have exactly the keys {', '.join(LR_PER_STEP_KEYS)}, got {sorted(spec)}")
+    for key, v in spec.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v != v or v == float("inf"):
+            raise ValueError(f"{where}.{key} must be a positive finite number, got {v!r}")
+    if not spec["pct_start"] < 1:
+        raise ValueError(f"{where}.pct_start must be in (0, 1), got {spec['pct_start']!r}")
+    if spec["div_factor"] < 1 or spec["final_div_factor"] < 1:
+        raise ValueError(f"{where}: div_factor and final_div_factor must be >= 1 (the peak is max_lr)")
+
+
 def _validate_runs(profile: Profile) -> None:
     import torch.nn as nn
 
@@ -133,10 +152,14 @@ def _validate_runs(profile: Profile) -> None:
     for run, spec in profile.runs.items():
         if not isinstance(spec, dict) or "optimizer" not in spec:
             raise ValueError(f"runs.{run} must be a mapping with an 'optimizer' key")
-        bad = sorted(set(spec) - {"optimizer", "hyper", "label"})
+        bad = sorted(set(spec) - {"optimizer", "hyper", "label", "lr_per_step"})
         if bad:
-            raise ValueError(f"unknown key(s) {bad} in runs.{run}; allowed: hyper, label, optimizer")
+            raise ValueError(f"unknown key(s) {bad} in runs.{run}; allowed: hyper, label, lr_per_step, optimizer")
         opt, hyper, _ = profile.resolve_run(run)
+        if "lr_per_step" in spec:
+            _check_lr_per_step(f"runs.{run}.lr_per_step", spec["lr_per_step"])
+            if hyper.get("lr_schedule") is not None:
+                raise ValueError(f"runs.{run}: lr_per_step and an lr_schedule both set the learning rate; keep one")
         tiny = nn.Sequential(nn.Linear(4, 3))
         try:
             with warnings.catch_warnings():

@@ -42,7 +42,7 @@ from .models import build_model
 from .profiles import Profile
 from .results import atomic_torch_save, read_csv, results_dir, write_csv, write_json
 
-__all__ = ["train_run", "RunResult", "resolve_device", "evaluate"]
+__all__ = ["train_run", "RunResult", "resolve_device", "evaluate", "one_cycle"]
 
 PHASE_COLUMNS = ("data", "forward_backward", "statistics", "inverse", "precondition", "rest")
 
@@ -128,6 +128,18 @@ def summarize(history: list[dict], targets: list[float]) -> dict:
     return out
 
 
+def one_cycle(opt, spec: dict, total_steps: int):
+    """The per-step learning rate of a run's ``lr_per_step`` (used by our SGD baseline on the
+    ``cpu`` profile, not by the paper's optimizers): ``torch.optim.lr_scheduler.OneCycleLR`` with
+    linear ramps, ``max_lr / div_factor`` up to ``max_lr`` over the first ``pct_start`` of the
+    run, then down to ``max_lr / (div_factor * final_div_factor)`` at its last step; momentum is
+    left alone. It is stepped after every optimizer step and saved in the checkpoint."""
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=spec["max_lr"], total_steps=total_steps, pct_start=spec["pct_start"],
+        anneal_strategy="linear", div_factor=spec["div_factor"], final_div_factor=spec["final_div_factor"],
+        cycle_momentum=False)
+
+
 def train_run(
     profile: Profile,
     run: str,
@@ -193,6 +205,11 @@ def train_run(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unsupported layers (BatchNorm) get SGD: listed by describe()
         opt = make_optimizer(opt_name, net, **hyper)
+    batches = len(train_loader)
+    if t["max_batches_per_epoch"]:
+        batches = min(batches, t["max_batches_per_epoch"])
+    step_lr = profile.runs.get(run, {}).get("lr_per_step")
+    scheduler = one_cycle(opt, step_lr, n_epochs * batches) if step_lr else None
     history: list[dict] = []
     start_epoch = 1
     train_seconds = 0.0
@@ -206,12 +223,11 @@ def train_run(
         else:
             opt.load_state_dict(ck["optimizer"])
         history = ck["history"]
+        if scheduler is not None:
+            scheduler.load_state_dict(ck["lr_scheduler"])
         _set_rng_state(ck["rng"], dev)
         start_epoch = ck["epoch"] + 1
         train_seconds = history[-1]["train_seconds"] if history else 0.0
-    batches = len(train_loader)
-    if t["max_batches_per_epoch"]:
-        batches = min(batches, t["max_batches_per_epoch"])
     result = RunResult(profile.name, run, label, opt_name, seed, history, out_dir=out_dir)
     for epoch in range(start_epoch, n_epochs + 1):
         opt.set_epoch(epoch)
@@ -244,6 +260,8 @@ def train_run(
             _sync(dev)
             t2 = time.perf_counter()
             opt.step()
+            if scheduler is not None:
+                scheduler.step()
             _sync(dev)
             t3 = time.perf_counter()
             phases["data"] += t1 - t0
@@ -280,7 +298,8 @@ def train_run(
         if lead:
             write_csv(out_dir / "history.csv", history)
             atomic_torch_save({"model": model.state_dict(), "optimizer": opt_state, "history": history,
-                               "epoch": epoch, "rng": _rng_state(dev), "world_size": world}, ckpt_path)
+                               "epoch": epoch, "rng": _rng_state(dev), "world_size": world,
+                               "lr_scheduler": scheduler.state_dict() if scheduler is not None else None}, ckpt_path)
     result.summary = summarize(history, t["targets"])
     result.summary.update(profile=profile.name, run=run, label=label, optimizer=opt_name, seed=seed,
                           device=str(dev), torch=torch.__version__, machine=platform.processor() or platform.machine(),
