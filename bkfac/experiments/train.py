@@ -5,9 +5,11 @@ optimizer run of the profile, and records per epoch: test accuracy and loss, tra
 wall time split into phases (data, forward/backward, and the optimizer's own phases:
 statistics, inverse, precondition, rest), and the time and number of epochs to each
 target accuracy (on CUDA the optimizer's timer synchronises the GPU at each phase boundary,
-``sync_timer=True``, so that asynchronous work is charged to the phase that launched it). A checkpoint is written at the end of every epoch; ``resume=True``
-restarts from the last one and, since the data order, the augmentation and every random
-number generator are restored, finishes with the same numbers as an uninterrupted run.
+``sync_timer=True``, so that asynchronous work is charged to the phase that launched it). A
+checkpoint is written at the end of every epoch; ``resume=True`` restarts from the last one and,
+since the data order, the augmentation, every random number generator and a run's per-step
+learning-rate schedule (``lr_per_step``, :func:`one_cycle`) are restored, finishes with the
+same numbers as an uninterrupted run.
 
 Data-parallel (``bkfac train --nproc N`` or under ``torchrun``): with a process group
 initialised, every rank draws the same global batches and trains on its ``1/W`` share; the
@@ -20,8 +22,9 @@ any number of processes. SENG's curvature is then each rank's own (local batch).
 Outputs under ``data/results/<profile>/<run>/seed<k>/`` (atomic writes):
 ``history.csv`` (one row per epoch), ``summary.json`` (times/epochs to targets, t_epoch),
 ``checkpoint.pt`` (latest epoch). Timing excludes evaluation on the test set, as the paper's
-t_epoch does not say otherwise; evaluation time is recorded separately. ``synthetic_data=True`` (``--synthetic-data``) trains on
-random CIFAR-shaped images for timing and writes under ``data/results/<profile>-synthetic/``.
+t_epoch does not say otherwise; evaluation time is recorded separately. ``synthetic_data=True``
+(``--synthetic-data``) trains on random CIFAR-shaped images for timing and writes under
+``data/results/<profile>-synthetic/``.
 """
 
 from __future__ import annotations
