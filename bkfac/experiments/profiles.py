@@ -3,6 +3,10 @@
 A profile fixes every hyper-parameter of an experiment: data subset, model, training
 length, targets, the K-FAC family's shared hyper-parameters (on top of the paper's,
 :func:`bkfac.paper_defaults`), the optimizer runs of Table 2, and the error study.
+A run is ``{optimizer, hyper, label, lr_per_step}``: the optimizer's name, hyper-parameters
+on top of the profile's ``kfac`` ones (K-FAC family only), a display label, and optionally a
+per-step linear one-cycle learning rate (``max_lr``, ``pct_start``, ``div_factor``,
+``final_div_factor``; :func:`bkfac.experiments.train.one_cycle`) in place of an epoch schedule.
 Unknown keys and bad values raise ``ValueError`` naming them; every run's optimizer is
 built once on a tiny model at load time, so a bad hyper-parameter fails before training.
 """
