@@ -82,3 +82,12 @@ def test_monte_carlo_fisher_trains():
         step(model, opt, k)
     assert opt.steps == 6 and all(torch.isfinite(p).all() for p in model.parameters())
     assert opt.layers[0].inv_G.factor is not None
+
+
+def test_every_optimizer_takes_sync_timer():
+    """Callers that time phases on CUDA pass ``sync_timer=True`` to any optimizer, SGD included."""
+    for name in ("sgd", "seng", "k-fac", "b-kfac"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = bkfac.make_optimizer(name, nn.Sequential(nn.Linear(4, 3)), sync_timer=True)
+        assert opt.timer.sync

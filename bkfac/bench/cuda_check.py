@@ -64,6 +64,11 @@ def _small_model():
                          nn.Flatten(), nn.Linear(6 * 64, 200), nn.ReLU(inplace=True), nn.Linear(200, 10)).double()
 
 
+def _paper_batch(device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(256, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (256,), generator=g).to(device))
+
+
 def correctness(device) -> list[dict]:
     rows = []
     for name in NAMES:
@@ -89,17 +94,13 @@ def correctness(device) -> list[dict]:
 
 def timing(device, steps: int, out: Path | None = None) -> list[dict]:
     rows = []
-    x = torch.randn(256, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (256,), device=device)
+    x, y = _paper_batch(device)
     for name in NAMES:
         torch.manual_seed(0)
         model = paper_model().to(device)
-        kw = {} if name in ("sgd", "seng") else {"sync_timer": True}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            opt = make_optimizer(name, model, **kw)
-        if hasattr(opt, "timer"):
-            opt.timer.sync = True
+            opt = make_optimizer(name, model, sync_timer=True)
         tot = dict(forward_backward=0.0, statistics=0.0, inverse=0.0, precondition=0.0, rest=0.0)
         torch.cuda.synchronize()
         t_all = time.perf_counter()
@@ -143,11 +144,6 @@ SYNC_PERIODS = {
     "seng": dict(update_freq=3),
     "sgd": {},
 }
-
-
-def _paper_batch(device, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(256, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (256,), generator=g).to(device))
 
 
 def sync_report(device, steps: int = 8) -> list[dict]:

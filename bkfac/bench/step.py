@@ -249,7 +249,7 @@ def _make_bench(name: str, profile, base_model, *, device, sync_timer: bool) -> 
     from ..optim.factory import make_optimizer
 
     opt_name, hyper, label = profile.resolve_run(name)
-    if sync_timer and opt_name != "sgd":  # SGD's timer has only 'rest'; the step is synchronised here
+    if sync_timer:
         hyper["sync_timer"] = True
     model = copy.deepcopy(base_model)
     model.train()

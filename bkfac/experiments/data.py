@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._checks import check_positive_int
+
 __all__ = [
     "CIFAR10_CLASSES",
     "CIFAR10_MEAN",
@@ -697,9 +699,8 @@ def synthetic_cifar10(
     accuracy stays near 10 %). Used by ``bkfac train --synthetic-data`` (the paper profile's
     one-epoch CUDA timings, on a GPU machine the 180 MB data set cannot travel to).
     """
-    for name, n in (("n_train", n_train), ("n_test", n_test)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"{name} must be a positive int, got {n!r}")
+    check_positive_int("n_train", n_train)
+    check_positive_int("n_test", n_test)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     g = torch.Generator().manual_seed(seed)

@@ -201,7 +201,7 @@ def train_run(
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
         if opt_name not in ("sgd", "seng"):
             hyper = {**hyper, "comm": TorchDistributedComm(device=dev)}
-    if dev.type == "cuda" and opt_name != "sgd":
+    if dev.type == "cuda":
         # phases of a CUDA step are asynchronous: without a synchronisation at each phase boundary
         # the work lands in whichever phase next waits for the GPU (the loop syncs around the step)
         hyper = {**hyper, "sync_timer": True}

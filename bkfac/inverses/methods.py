@@ -146,6 +146,12 @@ class FactorInverse:
         so that forming a dense inverse pays off."""
         return None
 
+    @staticmethod
+    def _dense_apply(inv: Tensor, X: Tensor, side: str) -> Tensor:
+        """``inv @ X`` (``side='left'``) or ``X @ inv`` (``'right'``) in ``inv``'s dtype."""
+        X = X.to(inv.dtype)
+        return inv @ X if side == "left" else X @ inv
+
     def representation(self) -> tuple[Tensor, Tensor]:
         if self.U is None:
             raise RuntimeError(f"{type(self).__name__}: no representation yet (no statistics observed)")
@@ -226,10 +232,7 @@ class EighInverse(_Recompute, FactorInverse):
         if self.t_inv == 1:
             return None
         inv = self.damped_inverse(phi, min_damping)
-        if inv is None:
-            return None
-        X = X.to(inv.dtype)
-        return inv @ X if side == "left" else X @ inv
+        return None if inv is None else self._dense_apply(inv, X, side)
 
 
 class CholeskyInverse(_Recompute, FactorInverse):
@@ -296,9 +299,7 @@ class CholeskyInverse(_Recompute, FactorInverse):
         damping); with ``t_inv = 1``: two triangular solves with the Cholesky factor, which
         costs less than forming an inverse used once."""
         if self.t_inv > 1:
-            inv = self.damped_inverse(phi, min_damping)
-            X = X.to(inv.dtype)
-            return inv @ X if side == "left" else X @ inv
+            return self._dense_apply(self.damped_inverse(phi, min_damping), X, side)
         L = self._cholesky(phi, min_damping)[1]
         X = X.to(L.dtype)
         return torch.cholesky_solve(X, L) if side == "left" else torch.cholesky_solve(X.mT, L).mT

@@ -366,6 +366,15 @@ class KFACFamily(torch.optim.Optimizer):
             d, lam = spectrum_continuation(d, lam, check=False)
         return U, d, lam
 
+    def _apply_inverse(self, inv: FactorInverse, X: Tensor, side: str, phi: float) -> Tensor:
+        """One side of Alg. 1 lines 16-17: the method's own dense route where it has one
+        (:meth:`FactorInverse.damped_apply`), else its representation ``(U, d)``."""
+        out = inv.damped_apply(X, side, phi, self.min_damping)
+        if out is None:
+            U, d, lam = self._damped(inv)
+            out = damped_inverse_apply(U, d, lam, X.to(U.dtype), side=side, check=False)
+        return out
+
     def _checked(self, M: Tensor, lc: LayerCapture, what: str, k: int, outer: bool = False,
                  pending: list | None = None) -> Tensor:
         """``M`` when finite, else ``FloatingPointError`` naming the layer. For an outer product
@@ -495,16 +504,8 @@ class KFACFamily(torch.optim.Optimizer):
                     # Alg. 1 lines 16-17; a full-rank method applies its own dense route where it
                     # pays off (k-fac: one GEMM a side with a cached inverse), else (U, d) is applied
                     phi = _value(self.damping_phi, self.epoch)
-                    J = L.capture.grad_matrix()
-                    S = L.inv_A.damped_apply(J, "right", phi, self.min_damping)
-                    if S is None:
-                        UA, dA, lamA = self._damped(L.inv_A)
-                        S = damped_inverse_apply(UA, dA, lamA, J.to(UA.dtype), side="right", check=False)
-                    T = L.inv_G.damped_apply(S, "left", phi, self.min_damping)
-                    if T is None:
-                        UG, dG, lamG = self._damped(L.inv_G)
-                        T = damped_inverse_apply(UG, dG, lamG, S.to(UG.dtype), side="left", check=False)
-                    S = T
+                    S = self._apply_inverse(L.inv_A, L.capture.grad_matrix(), "right", phi)
+                    S = self._apply_inverse(L.inv_G, S, "left", phi)
                 updates[id(L)] = S
         with timer.phase("rest"):
             self._clip(updates)

@@ -14,12 +14,14 @@ __all__ = ["SGD"]
 
 class SGD(torch.optim.SGD):
     """``torch.optim.SGD`` taking the model, with ``set_epoch`` (for ``lr_schedule``) and a
-    :class:`PhaseTimer` (all of its time is in the ``rest`` phase)."""
+    :class:`PhaseTimer` (all of its time is in the ``rest`` phase; ``sync_timer`` synchronises
+    CUDA at its boundaries, as for the other optimizers)."""
 
     algorithm = "sgd"
 
     def __init__(self, model: nn.Module, *, lr=0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
-                 nesterov: bool = False, lr_schedule=None, params=None, timer: bool = True, **unused):
+                 nesterov: bool = False, lr_schedule=None, params=None, timer: bool = True,
+                 sync_timer: bool = False, **unused):
         if unused:
             raise ValueError(f"SGD got unknown hyper-parameters: {sorted(unused)}")
         if not isinstance(model, nn.Module):
@@ -30,7 +32,7 @@ class SGD(torch.optim.SGD):
                          lr=lr0, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
         self.model = model
         self.epoch = 1
-        self.timer = PhaseTimer(enabled=timer)
+        self.timer = PhaseTimer(enabled=timer, sync=sync_timer)
 
     def set_epoch(self, epoch: int) -> None:
         check_positive_int("epoch", epoch)
