@@ -236,14 +236,23 @@ def build_model(spec: str | Mapping[str, Any]) -> nn.Module:
     ``{"arch": name, **constructor keyword arguments}``, e.g.
     ``{"arch": "vgg16_bn_mod", "width": 0.25, "fc_hidden": 1024}``. Unknown names or keys
     raise ``ValueError`` naming them.
+
+    The mapping may also say ``channels_last: true``: the model's 4-d tensors are then stored
+    ``torch.channels_last`` (NHWC). The arithmetic is the same; oneDNN's CPU convolutions are
+    faster on it (13-16 % per training step on the ``cpu`` model, one thread; PERFORMANCE.md),
+    and convolutions turn an NCHW input into NHWC themselves.
     """
+    channels_last = False
     if isinstance(spec, str):
         arch, kwargs = spec, {}
     elif isinstance(spec, Mapping):
         if "arch" not in spec:
             raise ValueError(f"model spec needs an 'arch' key (one of {sorted(_ARCHS)}), got {dict(spec)}")
         arch = spec["arch"]
-        kwargs = {k: v for k, v in spec.items() if k != "arch"}
+        kwargs = {k: v for k, v in spec.items() if k not in ("arch", "channels_last")}
+        channels_last = spec.get("channels_last", False)
+        if not isinstance(channels_last, bool):
+            raise ValueError(f"model channels_last must be true or false, got {channels_last!r}")
     else:
         raise ValueError(f"model spec must be a name or a mapping, got {type(spec).__name__}")
     if not isinstance(arch, str):
@@ -261,7 +270,8 @@ def build_model(spec: str | Mapping[str, Any]) -> nn.Module:
     for k in ("input_size", "channels"):
         if k in kwargs and isinstance(kwargs[k], list):
             kwargs[k] = tuple(kwargs[k])  # YAML gives lists
-    return cls(**kwargs)
+    model = cls(**kwargs)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def fc_layers(model: nn.Module) -> dict[str, nn.Linear]:
