@@ -189,6 +189,27 @@ def test_bench_peer_quick_or_message(tmp_path, capsys):
     assert "max rel diff" in capsys.readouterr().out
 
 
+def test_bench_peer_on_a_channels_last_profile(tmp_path, capsys):
+    """A profile that stores its model channels_last (as ``cpu`` does) still compares with ASDL,
+    whose K-FAC needs NCHW weights: the part runs all three on NCHW storage and says so."""
+    if peer_mod.load_peer() is None:
+        pytest.skip("needs the peer (pip install asdfghjkl); its absence is tested above")
+    import yaml
+
+    from bkfac.experiments.profiles import PROFILE_DIR
+
+    raw = yaml.safe_load((PROFILE_DIR / "smoke.yaml").read_text())
+    raw["model"]["channels_last"] = True
+    path = tmp_path / "smoke-cl.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    rc = main(["bench", "peer", "--profile", str(path), "--quick", "--repeats", "1", "--dtype", "float64",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    assert "storage: NCHW for all three" in capsys.readouterr().out
+    _, factors = _read(tmp_path / "peer_factors.csv")
+    assert factors and all(float(f["max_rel_diff"]) < 1e-10 for f in factors)
+
+
 def test_bench_peer_not_installed_message(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, peer_mod.PEER_MODULE, None)  # importing it now raises ImportError
     assert peer_mod.load_peer() is None

@@ -220,6 +220,9 @@ def bench_peer(profile, asdl, *, device="cpu", dtype=torch.float32, repeats: int
 
     device = torch.device(device)
     spec = profile.model
+    # ASDL reshapes gradients with ``view``, which NHWC weights refuse: all three run on NCHW
+    # storage (the same arithmetic; main() says so when the profile asks for channels_last)
+    spec.pop("channels_last", None)
     torch.manual_seed(seed)
     base = build_model(spec).to(device=device, dtype=dtype)
     n = profile.train["batch_size"]
@@ -297,6 +300,9 @@ def main(args: argparse.Namespace) -> int:
     except Exception:  # pragma: no cover - metadata missing
         peer_version = "?"
     print(f"bkfac bench peer  (profile {profile.name}: model {profile.model}, batch {profile.train['batch_size']})")
+    if profile.model.get("channels_last"):
+        print("storage: NCHW for all three, not the profile's channels_last (ASDL's K-FAC reshapes gradients with "
+              "view, which channels_last weights refuse)")
     print(f"peer: ASDL ({PEER_PACKAGE} {peer_version}) KfacGradientMaker, empirical Fisher, factors and Cholesky "
           "inverses every step; ours: k-fac with t_updt = t_inv = 1, eigh (the paper's) or Cholesky inverses every step")
     print(f"machine: {info['cpu_model']}, {info['cpu_cores']} cores, torch {info['torch_version']} "
