@@ -58,7 +58,8 @@ CUDA_OUT     ?= data/results/bench/cuda
 CUDA_PROFILE ?= paper
 CUDA_DEVICE  ?= cuda
 CUDA_TESTS   := tests/test_linalg_brand.py::test_brand_update_float32_cuda tests/test_seng.py::test_cuda_matches_cpu \
-                tests/test_distributed.py::test_cuda_two_gloo_ranks_and_nccl
+                tests/test_distributed.py::test_cuda_two_gloo_ranks_and_nccl \
+                tests/test_models.py::test_channels_last_model_on_cuda_trains_like_nchw_on_cpu
 cuda-check:
 	mkdir -p $(CUDA_OUT)
 	$(CUDA_PY) -m pytest -q -p no:cacheprovider --timeout=300 $(CUDA_TESTS) 2>&1 | tee $(CUDA_OUT)/tests.log

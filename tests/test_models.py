@@ -184,35 +184,48 @@ def test_build_paper_alias_is_the_paper_model():
     assert m.fc0.in_features == 16384 and m.fc0.out_features == 2048 and m.fc1.out_features == 10
 
 
-@pytest.mark.parametrize("name", ["k-fac", "b-kfac"])
-def test_channels_last_model_trains_like_nchw(name):
-    """``channels_last: true`` changes the storage only: in float64, four K-FAC steps (statistics,
-    inverse and B-updates every step or two) give the NCHW model's parameters to rounding."""
+_CL_SPEC = {"arch": "vgg16_bn_mod", "width": 0.0625, "fc_hidden": 48, "dropout": 0.0, "final_pool": False}
+
+
+def _four_kfac_steps(name, channels_last, device="cpu"):
+    """Parameters after four float64 steps of ``name`` (statistics and inverses every step or two)
+    on the small vgg16_bn_mod with the given storage, on ``device``; returned on the CPU."""
     import warnings
 
     import bkfac
 
-    spec = {"arch": "vgg16_bn_mod", "width": 0.0625, "fc_hidden": 48, "dropout": 0.0, "final_pool": False}
     torch.manual_seed(0)
     xs = [torch.randn(8, 3, 32, 32, dtype=torch.float64) for _ in range(4)]
     ys = [torch.randint(0, 10, (8,)) for _ in range(4)]
-    params = []
-    for cl in (False, True):
-        torch.manual_seed(1)
-        m = build_model({**spec, "channels_last": cl}).double()
-        conv = m.features[0].weight
-        assert conv.is_contiguous(memory_format=torch.channels_last) == cl
-        assert conv.is_contiguous() != cl
-        extra = dict(t_brand=2, rank=6, oversample=2) if name == "b-kfac" else {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            opt = bkfac.make_optimizer(name, m, defaults=None, lr=0.05, t_updt=1, t_inv=2, **extra)
-        for x, y in zip(xs, ys):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(m(x), y).backward()
-            opt.step()
-        params.append([p.detach().clone() for p in m.parameters()])
-    for a, b in zip(*params):
+    torch.manual_seed(1)
+    m = build_model({**_CL_SPEC, "channels_last": channels_last}).double().to(device)
+    conv = m.features[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert conv.is_contiguous() != channels_last
+    extra = dict(t_brand=2, rank=6, oversample=2) if name == "b-kfac" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = bkfac.make_optimizer(name, m, defaults=None, lr=0.05, t_updt=1, t_inv=2, **extra)
+    for x, y in zip(xs, ys):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(m(x.to(device)), y.to(device)).backward()
+        opt.step()
+    return [p.detach().cpu().clone() for p in m.parameters()]
+
+
+@pytest.mark.parametrize("name", ["k-fac", "b-kfac"])
+def test_channels_last_model_trains_like_nchw(name):
+    """``channels_last: true`` changes the storage only: in float64, four K-FAC steps (statistics,
+    inverse and B-updates every step or two) give the NCHW model's parameters to rounding."""
+    for a, b in zip(_four_kfac_steps(name, False), _four_kfac_steps(name, True)):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
     with pytest.raises(ValueError, match="channels_last"):
-        build_model({**spec, "channels_last": "yes"})
+        build_model({**_CL_SPEC, "channels_last": "yes"})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_channels_last_model_on_cuda_trains_like_nchw_on_cpu():
+    """The NHWC model on CUDA (cuDNN convolutions, the K-FAC unfold of NHWC activations) follows the
+    NCHW model on the CPU through four float64 b-kfac steps."""
+    for a, b in zip(_four_kfac_steps("b-kfac", False), _four_kfac_steps("b-kfac", True, "cuda")):
+        torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-10)
