@@ -6,6 +6,7 @@ need the real images; ``tests/test_data.py`` covers reading the real ones.
 """
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -82,6 +83,30 @@ def test_resume_after_interruption_gives_the_same_numbers(fake_data, tmp_path):
     resumed = train_mod.train_run(profile, "b-kfac", out_root=str(tmp_path / "b"), progress=False, resume=True)
     keys = ("test_acc", "test_loss", "train_loss")
     assert [[h[k] for k in keys] for h in resumed.history] == [[h[k] for k in keys] for h in full.history]
+
+
+def test_a_finished_run_extended_by_resume_equals_the_longer_run(fake_data, tmp_path, monkeypatch):
+    """A run finished under a shorter epoch budget continues with ``--resume`` when the budget
+    grows (the K-FAC schedules are per epoch), to the numbers of the longer run trained at once;
+    the book's loader warns about the shorter stored run until then."""
+    import bkfac.experiments.report as report
+
+    profile = load_profile("smoke")  # 2 epochs
+    full = train_mod.train_run(profile, "b-kfac", out_root=str(tmp_path / "a"), progress=False)
+    short = train_mod.train_run(profile, "b-kfac", out_root=str(tmp_path / "b"), progress=False, epochs=1)
+    assert short.summary["epochs_run"] == 1
+    monkeypatch.setenv("BKFAC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(report, "results_root", lambda name: tmp_path / "b")
+    with pytest.warns(UserWarning, match="has 1 epoch.*asks for 2"):
+        got = report.ensure_runs(profile, ["b-kfac"], train_missing=False)
+    assert len(got["b-kfac"]["history"]) == 1
+    longer = train_mod.train_run(profile, "b-kfac", out_root=str(tmp_path / "b"), progress=False, resume=True)
+    keys = ("test_acc", "test_loss", "train_loss")
+    assert [[h[k] for k in keys] for h in longer.history] == [[h[k] for k in keys] for h in full.history]
+    assert longer.summary["epochs_run"] == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(report.ensure_runs(profile, ["b-kfac"], train_missing=False)["b-kfac"]["history"]) == 2
 
 
 def test_summary_times_to_targets():

@@ -146,7 +146,8 @@ def ensure_runs(profile, runs, *, seed: int = 0, device: str = "cpu", data_dir=N
     ``train_missing`` is false: those runs map to ``None``). An unfinished run (``history.csv``
     without ``summary.json``, e.g. one being trained right now) is never overwritten: with
     ``train_missing`` it is resumed from its checkpoint only for non-committed profiles;
-    for ``cpu``/``paper`` it is reported as missing."""
+    for ``cpu``/``paper`` it is reported as missing. A stored run whose number of epochs differs
+    from the profile's budget is used as it is, with a warning."""
     from .. import book
     from .train import load_history, summarize, train_run
 
@@ -168,6 +169,11 @@ def ensure_runs(profile, runs, *, seed: int = 0, device: str = "cpu", data_dir=N
         hist = load_history(profile.name, run, seed, out_root=str(root))
         with open(spath) as fh:
             summary = json.load(fh)
+        if len(hist) != profile.train["epochs"]:
+            warnings.warn(f"stored run {run!r} of profile {profile.name!r} has {len(hist)} epoch(s), the profile "
+                          f"asks for {profile.train['epochs']} (made with another version of the profile?); "
+                          f"`bkfac train --profile {profile.name} --optimizer {run} --resume` continues a shorter "
+                          "one from its checkpoint", stacklevel=2)
         summary.update({k: v for k, v in summarize(hist, profile.train["targets"]).items() if k not in summary})
         out[run] = dict(history=hist, summary=summary, trained_now=trained)
     return out
