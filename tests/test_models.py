@@ -97,8 +97,15 @@ def test_width_scaling(width, fc_hidden, fc0_in):
 
 
 def test_cpu_profile_width_keeps_fc0_wide():
-    m = build_model({"arch": "vgg16_bn_mod", "width": 0.25, "fc_hidden": 1024})
-    assert m.fc0.in_features >= 4096
+    """The `cpu` profile's model keeps FC0 in the B-update regime d >> n_M + r (batch 256, rank
+    220) on its input side, with the paper's output width 2048, stored NHWC."""
+    from bkfac.experiments.profiles import load_profile
+
+    p = load_profile("cpu")
+    m = build_model(p.model)
+    assert (m.fc0.in_features, m.fc0.out_features) == (4096, 2048)
+    assert m.fc0.in_features + 1 > 8 * (p.train["batch_size"] + p.raw["kfac"]["rank"])
+    assert m.features[0].weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_forward_backward_and_learning():
