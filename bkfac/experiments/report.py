@@ -153,6 +153,7 @@ def ensure_runs(profile, runs, *, seed: int = 0, device: str = "cpu", data_dir=N
 
     root = results_root(profile.name)
     use_repo_cache()
+    budget = profile.train["epochs"]
     out: dict[str, dict] = {}
     for run in runs:
         if run not in profile.runs:
@@ -169,9 +170,9 @@ def ensure_runs(profile, runs, *, seed: int = 0, device: str = "cpu", data_dir=N
         hist = load_history(profile.name, run, seed, out_root=str(root))
         with open(spath) as fh:
             summary = json.load(fh)
-        if len(hist) != profile.train["epochs"]:
+        if len(hist) != budget:
             warnings.warn(f"stored run {run!r} of profile {profile.name!r} has {len(hist)} epoch(s), the profile "
-                          f"asks for {profile.train['epochs']} (made with another version of the profile?); "
+                          f"asks for {budget} (made with another version of the profile?); "
                           f"`bkfac train --profile {profile.name} --optimizer {run} --resume` continues a shorter "
                           "one from its checkpoint", stacklevel=2)
         summary.update({k: v for k, v in summarize(hist, profile.train["targets"]).items() if k not in summary})
