@@ -18,7 +18,8 @@ Augmented input ``a = [x; 1]`` (bias column only when the layer has a bias). Wit
     A_k = [a_{i,t}] / sqrt(N)               so  A_k A_k^T = (1/N) sum_{i,t} a a^T
     G_k = [g_{i,t}] / sqrt(n),  g_{i,t} = n * dL/dy_{i,t}   (loss_reduction='mean')
                                 g_{i,t} = dL/dy_{i,t}       (loss_reduction='sum')
-    Mat(g) = [dL/dW, dL/db] = sqrt(T) * G_k A_k^T           (scale = sqrt(T); 1 for an MLP)
+    Mat(g) = [dL/dW, dL/db] = scale * G_k A_k^T,  scale = sqrt(T)      (loss_reduction='mean')
+                                                  scale = n sqrt(T)    (loss_reduction='sum')
 
 ``g_i`` is the gradient of the *per-sample* loss, as in DESIGN.md.
 
@@ -207,14 +208,24 @@ class LayerCapture:
         cols, n = self._grad_cols(reduction, dtype)
         return cols * self._g_scale(reduction, n)
 
+    def grad_scale(self, reduction: str = "mean") -> float:
+        """``scale`` with ``Mat(grad) = scale * G_k A_k^T`` (eq. (20), module docstring):
+        ``sqrt(T)`` for a mean loss, ``n sqrt(T)`` for a summed one (``T`` positions per sample)."""
+        g = self.grad_outputs
+        if g is None:
+            raise RuntimeError(f"no output gradient recorded for layer '{self.name}'")
+        n = g.shape[0]
+        T = g.numel() / (n * self.d_G)
+        return math.sqrt(T) * (1.0 if reduction == "mean" else n)
+
     def batch_matrices(self, reduction: str = "mean", dtype=None) -> tuple[Tensor, Tensor, float]:
         """``(A_k, G_k, scale)`` with ``Mat(grad) = scale * G_k A_k^T`` (see module docstring)."""
         A = self.batch_A(dtype)
         G = self.batch_G(reduction, dtype)
-        N, n = A.shape[1], self.grad_outputs.shape[0]
+        N = A.shape[1]
         if G.shape[1] != N:
             raise RuntimeError(f"layer '{self.name}': input and output-gradient positions differ ({N} vs {G.shape[1]})")
-        return A, G, math.sqrt(N / n)
+        return A, G, self.grad_scale(reduction)
 
     def batch_outer_A(self, dtype=None) -> Tensor:
         """``A_k A_k^T`` (d_A x d_A) without forming ``A_k``: one copy of the patches, one GEMM,

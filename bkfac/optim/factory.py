@@ -6,7 +6,8 @@ clip of the author's code), the epoch schedules :data:`PAPER_LR` and :data:`PAPE
 k-fac and r-kfac T_inv 250; r-kfac rank 220 (230 from epoch 15), oversampling 10 (+1 from
 epoch 22, +1 from 30), 4 power iterations; b-kfac T_brand 125; b-kfac-c T_brand 125,
 T_corct 500, phi_corct 0.5; b-r-kfac T_brand 25, T_rsvd 250; the r-kfac part of the b-variants
-as r-kfac. SENG: Appendix D. SGD is not in the paper's Table 2; its defaults here (lr 0.1,
+as r-kfac. The b-variants B-update the first FC layer only (``policy="first-fc"``, Sec. 3.5, 4.2
+and 6), r-kfac for every other layer. SENG: Appendix D. SGD is not in the paper's Table 2; its defaults here (lr 0.1,
 momentum 0.9, weight decay 5e-4) are ours.
 """
 
@@ -32,9 +33,10 @@ PAPER_DEFAULTS: dict[str, dict] = {
     "k-fac": {**_KFAC_COMMON, "t_inv": 250},
     "r-kfac": {**_KFAC_COMMON, "t_inv": 250},
     "sre-kfac": {**_KFAC_COMMON, "t_inv": 250},
-    "b-kfac": {**_KFAC_COMMON, "t_inv": 250, "t_brand": 125},
-    "b-r-kfac": {**_KFAC_COMMON, "t_inv": 250, "t_brand": 25, "t_rsvd": 250},
-    "b-kfac-c": {**_KFAC_COMMON, "t_inv": 250, "t_brand": 125, "t_corct": 500, "phi_crc": 0.5},
+    "b-kfac": {**_KFAC_COMMON, "t_inv": 250, "t_brand": 125, "policy": "first-fc"},
+    "b-r-kfac": {**_KFAC_COMMON, "t_inv": 250, "t_brand": 25, "t_rsvd": 250, "policy": "first-fc"},
+    "b-kfac-c": {**_KFAC_COMMON, "t_inv": 250, "t_brand": 125, "t_corct": 500, "phi_crc": 0.5,
+                 "policy": "first-fc"},
     "seng": dict(lr=0.05, lr_scheme="exp", lr_decay_rate=6, lr_decay_epoch=75, damping=2.0,
                  weight_decay=1e-2, momentum=0.9, update_freq=200, col_sample_size=128),
     "sgd": dict(lr=0.1, momentum=0.9, weight_decay=5e-4),

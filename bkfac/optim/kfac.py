@@ -66,7 +66,10 @@ from .comm import LocalComm
 from .schedules import EpochSchedule, as_schedule
 from .timer import PhaseTimer
 
-__all__ = ["KFACFamily", "KFAC", "RKFAC", "SREKFAC", "BKFAC", "BRKFAC", "BKFACC"]
+__all__ = ["KFACFamily", "KFAC", "RKFAC", "SREKFAC", "BKFAC", "BRKFAC", "BKFACC", "POLICIES"]
+
+#: The B-update policies (module docstring): which factors of the b-variants take B-updates.
+POLICIES = ("mixed", "first-fc", "all")
 
 
 def _value(x, epoch):
@@ -114,8 +117,9 @@ class KFACFamily(torch.optim.Optimizer):
         steps where :meth:`wants_statistics` is true).
     loss_reduction: ``'mean'`` (default) or ``'sum'`` over the batch.
     spectrum_continuation: Sec. 3.5 (default on).  linear_time: use Alg. 8 where exact.
-    policy: ``'mixed'`` (Sec. 3.5, default) or ``'all'`` (B-updates for every factor with
-        d > r, for studies).  min_damping: absolute floor of lambda.
+    policy: which factors take B-updates: ``'mixed'`` (default, ``d > n_M + r``), ``'first-fc'``
+        (the paper's: the first Linear layer only) or ``'all'`` (``d > r``, for studies); see the
+        module docstring.  min_damping: absolute floor of lambda.
     seed: seed of the optimizer's generators (RSVD sketches, correction columns). Each factor
         has its own generator, seeded from ``(seed, layer index, 'A'|'G')``, so its sketches do
         not depend on the order in which, or the process on which, the factors are updated
@@ -190,8 +194,8 @@ class KFACFamily(torch.optim.Optimizer):
             raise ValueError(f"clip must be positive when clip_mode={clip_mode!r}, got {clip!r}")
         if fisher not in ("empirical", "mc"):
             raise ValueError(f"fisher must be 'empirical' or 'mc', got {fisher!r}")
-        if policy not in ("mixed", "all"):
-            raise ValueError(f"policy must be 'mixed' or 'all', got {policy!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(map(repr, POLICIES))}, got {policy!r}")
         if not min_damping > 0:
             raise ValueError(f"min_damping must be positive, got {min_damping!r}")
 
@@ -258,14 +262,24 @@ class KFACFamily(torch.optim.Optimizer):
     def _brand_class(self):
         return None
 
-    def _choose(self, dim: int, n_M: int) -> type[FactorInverse]:
-        """The mixed policy: B-updates where ``d > n_M + r``; RSVD/SREVD where ``d > r + r_o``;
-        exact ``eigh`` for factors too small for a low-rank form."""
+    def _brand_eligible(self, dim: int, n_M: int, first_fc: bool) -> bool:
+        """Whether ``policy`` puts a factor of dimension ``dim`` on the B-update path (module
+        docstring): ``'mixed'`` where ``d > n_M + r``, ``'first-fc'`` for the first Linear
+        layer's factors with ``d > r``, ``'all'`` where ``d > r``."""
+        r = _max_value(self.rank)
+        if self.policy == "mixed":
+            return dim > n_M + r
+        if self.policy == "first-fc":
+            return first_fc and dim > r
+        return dim > r
+
+    def _choose(self, dim: int, n_M: int, first_fc: bool = False) -> type[FactorInverse]:
+        """B-updates where the policy says (:meth:`_brand_eligible`); RSVD/SREVD where
+        ``d > r + r_o``; exact ``eigh`` for factors too small for a low-rank form."""
         r, ro = _max_value(self.rank), _max_value(self.oversample)
         brand = self._brand_class()
-        if brand is not None:
-            if (self.policy == "mixed" and dim > n_M + r) or (self.policy == "all" and dim > r):
-                return brand
+        if brand is not None and self._brand_eligible(dim, n_M, first_fc):
+            return brand
         low = self._lowrank_class()
         if low is not None and dim > r + ro:
             return low
@@ -292,7 +306,12 @@ class KFACFamily(torch.optim.Optimizer):
         inv.epoch = self.epoch
         return inv
 
+    def _first_fc_index(self) -> int | None:
+        """Index (in ``self.layers``) of the first ``nn.Linear`` layer in model order."""
+        return next((i for i, L in enumerate(self.layers) if L.capture.kind == "linear"), None)
+
     def _init_layers(self) -> None:
+        first_fc = self._first_fc_index()
         for i, L in enumerate(self.layers):
             lc = L.capture
             if lc.inputs is None:
@@ -302,8 +321,8 @@ class KFACFamily(torch.optim.Optimizer):
             local = round(lc_positions(lc) * lc.grad_outputs.shape[0])
             n_M = local * self.comm.world_size  # the global batch's columns (Sec. 3.5 policy)
             L.n_M = n_M
-            L.inv_A = self._make_inverse(self._choose(lc.d_A, n_M), lc.d_A, i, "A")
-            L.inv_G = self._make_inverse(self._choose(lc.d_G, n_M), lc.d_G, i, "G")
+            L.inv_A = self._make_inverse(self._choose(lc.d_A, n_M, i == first_fc), lc.d_A, i, "A")
+            L.inv_G = self._make_inverse(self._choose(lc.d_G, n_M, i == first_fc), lc.d_G, i, "G")
             L.linear_time = self.linear_time and isinstance(L.inv_A, BrandInverse)
         self._initialized = True
 
@@ -496,7 +515,7 @@ class KFACFamily(torch.optim.Optimizer):
                     # (gathered columns: A and G both carry 1/sqrt(W), so the local scale is kept)
                     UA, dA, lamA = self._damped(L.inv_A)
                     UG, dG, lamG = self._damped(L.inv_G)
-                    scale = math.sqrt(lc_positions(L.capture))
+                    scale = L.capture.grad_scale(self.capture.reduction)
                     G_hat = damped_inverse_apply(UG, dG, lamG, G, side="left", check=False)
                     A_hat = damped_inverse_apply(UA, dA, lamA, A, side="left", check=False)
                     S = (G_hat * scale) @ A_hat.mT
@@ -656,7 +675,7 @@ class KFAC(KFACFamily):
     def _lowrank_class(self):
         return None
 
-    def _choose(self, dim: int, n_M: int) -> type[FactorInverse]:
+    def _choose(self, dim: int, n_M: int, first_fc: bool = False) -> type[FactorInverse]:
         return CholeskyInverse if self.method_kw["inverse"] == "cholesky" else EighInverse
 
 
@@ -677,7 +696,8 @@ class SREKFAC(KFACFamily):
 
 class BKFAC(KFACFamily):
     """b-kfac (Algorithm 4): truncate + symmetric Brand update every ``t_brand`` steps for the
-    factors with ``d > n_M + r`` (mixed policy, Sec. 3.5); r-kfac for the others. Pure
+    factors the ``policy`` names (module docstring; the paper's is ``'first-fc'``); r-kfac for
+    the others. Pure
     b-kfac factors never form a ``d x d`` matrix (low-memory, Sec. 3.5). Alg. 8 for the step."""
 
     algorithm = "b-kfac"
