@@ -20,7 +20,9 @@ from bkfac.experiments.data import CIFAR10_CLASSES, CIFAR10Arrays
 from bkfac.experiments.error_study import (
     PAPER_ALGORITHMS,
     ErrorWindow,
+    HistoryShadows,
     ShadowSpec,
+    StudyStream,
     add_block_averages,
     check_orderings,
     error_window_metrics,
@@ -28,6 +30,7 @@ from bkfac.experiments.error_study import (
     lanczos_lambda_max,
     plot_error_study,
     step_errors,
+    stream_error_metrics,
     table1,
 )
 from bkfac.experiments.results import read_csv
@@ -79,6 +82,7 @@ def warm_ea(stream, rho, t):
 
 
 WIN = dict(t_updt=2, rho=0.9, rank=8, oversample=4, power_iters=3, phi=0.1)
+WIN_STREAM = {k: v for k, v in WIN.items() if k != "phi"}
 
 
 # -- building blocks ---------------------------------------------------------------------------
@@ -110,11 +114,9 @@ def test_step_errors_and_inverse_error_by_hand():
 @pytest.mark.parametrize("dense_j", [False, True])
 def test_identical_shadow_has_zero_error(one_thread, dense_j):
     stream = rotating_stream(40, drift=0.02)
-    MA, MG = warm_ea(stream[:20], WIN["rho"], WIN["t_updt"])
-    window = stream[20:]
     if dense_j:
-        window = [(A, G, G @ A.T) for A, G, _ in window]
-    rows = error_window_metrics(MA, MG, window, algorithms=[KFAC_T, PAPER_ALGORITHMS[0]], **WIN)
+        stream = [(A, G, G @ A.T) for A, G, _ in stream]
+    rows = stream_error_metrics(stream, [20], window=20, algorithms=[KFAC_T, PAPER_ALGORITHMS[0]], **WIN)
     same = [r for r in rows if r["algorithm"] == "k-fac-1t"]
     assert len(same) == 20
     for r in same:
@@ -153,18 +155,19 @@ def _brute_damped_inverse(U, d, phi):
 def test_metrics_match_brute_force(one_thread):
     t, phi = WIN["t_updt"], WIN["phi"]
     stream = rotating_stream(44, drift=0.03)
-    MA, MG = warm_ea(stream[:20], WIN["rho"], t)
-    window = stream[20:]
-    A0, G0, _ = window[0]
-    win = ErrorWindow(MA, MG, A0, G0, **WIN)
-    ea = {"A": MA, "G": MG}
+    ss = StudyStream(window=30, **WIN_STREAM)  # still open at the last step checked
+    ea = {"A": None, "G": None}
     checked = 0
-    for j, (A, G, J) in enumerate(window):
-        if j > 0 and j % t == 0 or j == 0:  # brute-force EA of eq. (5)
-            ea = {f: WIN["rho"] * ea[f] + (1 - WIN["rho"]) * X @ X.T for f, X in (("A", A), ("G", G))}
-        rows = win.step(j, A if j % t == 0 else None, G if j % t == 0 else None, J)
+    for k, (A, G, J) in enumerate(stream):
+        if k % t == 0:  # brute-force EA of eq. (5), kappa(0) = 1
+            ea = {f: X @ X.T if ea[f] is None else WIN["rho"] * ea[f] + (1 - WIN["rho"]) * X @ X.T
+                  for f, X in (("A", A), ("G", G))}
+        rows, _ = ss.step(k, A if k % t == 0 else None, G if k % t == 0 else None, J, phi=phi,
+                          start=20 if k == 20 else None)
+        j = k - 20
         if j not in (0, 1, 9, 10, 23):
             continue
+        win = ss.active[20]
         for f in ("A", "G"):
             assert torch.allclose(win.ea[f], ea[f], rtol=1e-12, atol=1e-14)
         ref = {f: torch.linalg.inv(ea[f] + phi * float(torch.linalg.eigvalsh(ea[f])[-1]) * torch.eye(ea[f].shape[0], dtype=F64))
@@ -190,12 +193,15 @@ def test_shadow_schedules_and_seeds(one_thread):
     """Shadows update on their own periods (window-relative steps) and share the window's EA."""
     t = WIN["t_updt"]
     stream = rotating_stream(32, drift=0.02)
-    MA, MG = warm_ea(stream[:10], WIN["rho"], t)
-    A0, G0, _ = stream[10]
-    win = ErrorWindow(MA, MG, A0, G0, **WIN)
+    ss = StudyStream(window=22, **WIN_STREAM)
+    for k, (A, G, J) in enumerate(stream[:10]):
+        ss.step(k, A if k % t == 0 else None, G if k % t == 0 else None, J, phi=WIN["phi"])
+    A0, G0, J0 = stream[10]
+    ss.step(10, A0, G0, J0, phi=WIN["phi"], start="w")
+    win = ss.active["w"]
     before = {a.key: win.representation(a.key, "A")[0] for a in PAPER_ALGORITHMS}
-    for j, (A, G, J) in enumerate(stream[10:], start=0):
-        win.step(j, A if j % t == 0 else None, G if j % t == 0 else None, J)
+    for j, (A, G, J) in enumerate(stream[11:], start=1):
+        ss.step(10 + j, A if j % t == 0 else None, G if j % t == 0 else None, J, phi=WIN["phi"])
         if j == 2 * t:  # after two statistics steps
             after = {a.key: win.representation(a.key, "A")[0] for a in PAPER_ALGORITHMS}
             changed = {k for k in before if after[k] is not before[k]}
@@ -205,10 +211,12 @@ def test_shadow_schedules_and_seeds(one_thread):
     assert win.shadows["k-fac-5t"]["A"].inv.updates == 3  # at j = 0, 5t = 10 and 20 (j runs to 21)
     assert win.shadows["r-kfac-5t"]["A"].inv.factor is win.ea["A"]  # the shared EA factor
     assert win.shadows["b-kfac"]["A"].inv.factor is None  # low-memory b-kfac holds none
-    # b-variants start with Alg. 5's heavy step: width r + n_M right after the start
-    fresh = ErrorWindow(MA, MG, A0, G0, **WIN)
-    assert fresh.representation("b-r-kfac", "A")[0].shape[1] == WIN["rank"] + A0.shape[1]
-    assert fresh.representation("r-kfac-5t", "A")[0].shape[1] == WIN["rank"]
+    # b-r-kfac starts with Alg. 5's heavy step: width r + n_M right after the start; b-kfac and
+    # b-kfac-c are the stream's own, run from step 0
+    assert before["b-r-kfac"].shape[1] == WIN["rank"] + A0.shape[1]
+    assert before["r-kfac-5t"].shape[1] == WIN["rank"]
+    assert win.shadows["b-kfac"]["A"].inv is ss.history.inverses["b-kfac"]["A"]
+    assert ss.history.inverses["b-kfac"]["A"].updates == 16  # B-updates at k = 0, 2, ..., 30
 
 
 def test_window_validation(one_thread):
@@ -363,3 +371,132 @@ def test_run_error_study_rejects_bad_arguments(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="window must be a positive"):
         es.run_error_study(prof, window=0, out_root=str(tmp_path), progress=False)
     assert not (tmp_path / "smoke" / "error_study").exists()
+
+
+# -- (e) b-kfac and b-kfac-c carry their own history (Sec. 4.2: "exactly when the heaviest update
+#        of the algorithm at hand is performed"; b-kfac never overwrites) ---------------------------
+@pytest.mark.parametrize("name", ["b-kfac", "b-kfac-c"])
+def test_history_shadow_equals_the_optimizer_from_step_0(one_thread, name):
+    """A history shadow holds, at every window start, the representation a BKFAC (BKFACC)
+    optimizer fed the same data stream from step 0 holds (float64, 1e-12)."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    import bkfac
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 5)).to(F64)
+    t, rank = 2, 6
+    extra = dict(t_corct=5 * t, phi_crc=0.5) if name == "b-kfac-c" else {}  # the paper periods: 5t
+    opt = bkfac.make_optimizer(name, model, defaults=None, lr=0.05, damping_phi=0.1, rho=0.9, t_updt=t, t_inv=t,
+                               t_brand=t, rank=rank, oversample=2, policy="first-fc", clip=0.07, **extra)
+    spec = next(a for a in PAPER_ALGORITHMS if a.key == name)
+    gens = {(name, f): opt._factor_generator(0, f) for f in ("A", "G")}  # the optimizer's own streams
+    ss = StudyStream(t_updt=t, window=4, algorithms=[spec], rho=0.9, rank=rank, oversample=2, power_iters=2,
+                     generators=gens)
+    assert spec.carries_history and ss.start_period == spec.heaviest_period(t)
+    g = torch.Generator().manual_seed(3)
+    lc = opt.capture.layers[0]
+    compared = 0
+    for k in range(41):
+        x, y = torch.randn(7, 40, generator=g, dtype=F64), torch.randint(0, 5, (7,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        A = G = None
+        if k % t == 0:
+            A, G = lc.batch_A(), lc.batch_G()
+        ss.step(k, A, G, None, phi=0.1)
+        opt.step()
+        if k % ss.start_period == 0:  # a possible window start
+            for f, inv in (("A", opt.layers[0].inv_A), ("G", opt.layers[0].inv_G)):
+                U, d = inv.representation()
+                Us, ds = ss.history.inverses[name][f].representation()
+                M, Ms = (U * d) @ U.T, (Us * ds) @ Us.T
+                assert inv.method.startswith("brand")
+                assert float((M - Ms).norm() / M.norm()) < 1e-12, (k, f)
+                compared += 1
+    assert compared == 2 * (40 // ss.start_period + 1)
+    if name == "b-kfac-c":
+        assert ss.history.inverses[name]["A"].updates > 40 // t + 1  # corrections happened
+
+
+def test_only_history_free_shadows_recompute_at_a_window_start(one_thread, monkeypatch):
+    """At a window start, RSVD/eigh of a factor run only for the algorithms whose heaviest update
+    is one (b-r-kfac's overwrite, r-kfac, k-fac); b-kfac and b-kfac-c keep their history."""
+    import bkfac.inverses.methods as methods
+
+    t = WIN["t_updt"]
+    stream = rotating_stream(40, drift=0.02)
+    dims = {stream[0][0].shape[0], stream[0][1].shape[0]}
+    calls = []
+    for mod, name in ((methods, "rsvd"), (methods, "safe_eigh"), (es, "rsvd")):
+        real = getattr(mod, name)
+
+        def spy(M, *a, _real=real, _name=name, **kw):
+            if M.dim() == 2 and M.shape[0] == M.shape[1] and M.shape[0] in dims:
+                calls.append(_name)
+            return _real(M, *a, **kw)
+        monkeypatch.setattr(mod, name, spy)
+    seeded = []
+    real_seed = ErrorWindow._seed
+
+    def seed_spy(self, inv, *a):
+        seeded.append(type(inv).__name__)
+        return real_seed(self, inv, *a)
+    monkeypatch.setattr(ErrorWindow, "_seed", seed_spy)
+    ss = StudyStream(window=10, **WIN_STREAM)
+    for k, (A, G, J) in enumerate(stream[:20]):
+        ss.step(k, A if k % t == 0 else None, G if k % t == 0 else None, J, phi=WIN["phi"])
+    assert calls == [] and seeded == []  # history shadows run on B-updates (and corrections) only
+    A0, G0, J0 = stream[20]
+    ss.step(20, A0, G0, J0, phi=WIN["phi"], start="w")
+    history_free = [a for a in PAPER_ALGORITHMS if not a.carries_history]
+    assert {a.key for a in PAPER_ALGORITHMS if a.carries_history} == {"b-kfac", "b-kfac-c"}
+    assert len(seeded) == 2 * len(history_free)
+    assert not any(name in ("ShadowBrandInverse", "ShadowBrandCorrectedInverse") for name in seeded)
+    n_rsvd = sum(1 for a in history_free if a.method in ("rsvd", "brand+rsvd"))
+    assert sorted(calls) == sorted(["rsvd"] * 2 * n_rsvd + ["safe_eigh"] * 2), calls
+    win = ss.active["w"]
+    for key in ("b-kfac", "b-kfac-c"):
+        assert win.shadows[key]["A"].inv is ss.history.inverses[key]["A"]
+
+
+def test_window_without_the_history_is_refused(one_thread):
+    stream = rotating_stream(4, drift=0.0)
+    MA, MG = warm_ea(stream[:2], WIN["rho"], WIN["t_updt"])
+    A0, G0, _ = stream[2]
+    with pytest.raises(ValueError, match="history"):
+        ErrorWindow(MA, MG, A0, G0, **WIN)
+    ss = StudyStream(window=4, **WIN_STREAM)
+    ss.step(0, A0, G0, None, phi=0.1)
+    with pytest.raises(ValueError, match="multiple of 10"):
+        ss.step(1, A0, G0, None, phi=0.1, start="w")
+
+
+def test_interrupted_trajectory_resumes_to_the_same_rows(tmp_path, monkeypatch, one_thread):
+    """A trajectory stopped after its checkpoint and resumed gives the uninterrupted rows."""
+    from bkfac.experiments.profiles import load_profile
+
+    data = _synthetic_cifar()
+    monkeypatch.setattr(es, "load_cifar10", lambda data_dir=None, **kw: data)
+    prof = load_profile("smoke")
+    kw = dict(dev=torch.device("cpu"), data_dir=None, drive="reference", t=2, window=6, window_epochs=[1, 3],
+              layer="fc0", progress=False, algorithms=PAPER_ALGORITHMS, inputs_key="x")
+    full, _ = es._trajectory(prof, 0, **kw)
+    ck = tmp_path / "checkpoint.pt"
+    real_step = StudyStream.step
+
+    def stop_in_window_2(self, k, *a, **k2):
+        if k == 25:
+            raise KeyboardInterrupt
+        return real_step(self, k, *a, **k2)
+    monkeypatch.setattr(StudyStream, "step", stop_in_window_2)
+    with pytest.raises(KeyboardInterrupt):
+        es._trajectory(prof, 0, checkpoint=ck, **kw)
+    assert ck.exists()
+    monkeypatch.setattr(StudyStream, "step", real_step)
+    resumed, diag = es._trajectory(prof, 0, checkpoint=ck, **kw)
+    assert diag["resumed_at"] == 20
+    assert len(resumed) == len(full)
+    for a, b in zip(full, resumed):
+        assert a == b

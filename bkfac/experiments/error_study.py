@@ -24,13 +24,13 @@ How we measure it: shadows on one trajectory
 --------------------------------------------
 We drive ONE training trajectory (by default k-fac with ``T_inv = T_updt = t``, the benchmark
 itself; see ``drive`` below) and, along it, keep the FC0 EA factors ``A``, ``Gamma`` of
-eq. (5) with period ``t`` ourselves. At the start of each window we create, for each of the
-seven compared algorithms, a **shadow**: that algorithm's factor-inverse objects
+eq. (5) with period ``t`` ourselves from step 0 (:class:`StudyStream`). Each of the seven
+compared algorithms has a **shadow**: that algorithm's factor-inverse objects
 (:mod:`bkfac.inverses`, the same classes the optimizers use) for FC0's two factors. The
 shadows receive exactly the batch matrices ``A_k``, ``G_k`` the reference receives, every
 ``t`` steps, and update their representations on their own schedule; they never touch the
-model. At every step we compare each shadow's damped inverses, and the step it would take
-with the *current* gradient, with the reference's.
+model. At every step of a window we compare each shadow's damped inverses, and the step it
+would take with the *current* gradient, with the reference's.
 
 Why this measures what the paper measures: the representation an algorithm holds at step
 ``k`` is a function of the K-factor data it received and of its own update schedule only.
@@ -43,26 +43,35 @@ training would instead mix in the divergence of the trajectories (different weig
 different gradients), which is not an approximation error and makes steps incomparable. It
 is also seven times cheaper: one forward/backward per step serves all seven algorithms.
 
-Periods and starts. The paper's periods are multiples of ``t``: (1) b-kfac ``T_brand = t``;
-(2) b-r-kfac ``T_brand = t``, ``T_rsvd = 5t``; (3) b-kfac-c ``T_brand = t``,
-``T_corct = 5t``, ``phi_corct = 0.5``; (4) r-kfac ``T_inv = 5t``; (5) r-kfac ``T_inv = t``;
-(6) r-kfac ``T_inv = 30t`` (one RSVD at the start, none after: "no reset"); (7) k-fac
-``T_inv = 5t`` (:data:`PAPER_ALGORITHMS`). Rank, oversampling and power iterations are the
-profile's r-kfac ones. A window starts at the first step of its epoch that is a multiple of
-``t`` (new data arrives there), and every shadow starts "exactly when the heaviest update of
-the algorithm at hand is performed" (Sec. 4.2): k-fac shadows with ``eigh`` of the EA factor
-of that step, r-kfac shadows with its RSVD, and the three B-update variants with the heavy
-step of b-r-kfac (Alg. 5, lines 2-7: RSVD of the EA factor of the previous step, then the
-B-update with this step's batch) -- the state they would hold right after an RSVD overwrite.
-(The paper starts r-kfac ``T_inv = 300`` "slightly later in the epoch"; here all shadows
-start at the same step, which the paper notes is immaterial.) Window-relative step numbers
-``j = k - k0`` drive the classes' schedules, so ``j % T == 0`` fires the periodic updates.
+Every algorithm runs from the start of training. The paper's periods are multiples of ``t``:
+(1) b-kfac ``T_brand = t``; (2) b-r-kfac ``T_brand = t``, ``T_rsvd = 5t``; (3) b-kfac-c
+``T_brand = t``, ``T_corct = 5t``, ``phi_corct = 0.5``; (4) r-kfac ``T_inv = 5t``; (5) r-kfac
+``T_inv = t``; (6) r-kfac ``T_inv = 30t`` ("no reset"); (7) k-fac ``T_inv = 5t``
+(:data:`PAPER_ALGORITHMS`). Rank, oversampling and power iterations are the profile's r-kfac
+ones. Each window starts "exactly when the heaviest update of the algorithm at hand is
+performed" (Sec. 4.2). b-kfac never overwrites and b-kfac-c only corrects: their state is their
+own accumulated history, so their shadows run from step 0 (:class:`HistoryShadows`, B-updates
+every ``T_brand`` and corrections every ``T_corct`` from the first batch, exactly as the
+optimizers run them -- a test checks them against :class:`~bkfac.BKFAC`/:class:`~bkfac.BKFACC`
+to 1e-12) and a window starts at a step that is a multiple of their heaviest periods (the
+least common multiple of ``T_brand`` and ``T_corct``: ``5t``; :meth:`StudyStream.next_start`).
+The other algorithms' heaviest update rebuilds their state from the EA factor alone, so their
+shadows are created at the window start with it: k-fac with ``eigh`` of the EA factor of that
+step, r-kfac with its RSVD, b-r-kfac with its overwrite step (Alg. 5, lines 2-7: RSVD of the EA
+factor of the previous step, then the B-update with this step's batch). (The paper starts
+r-kfac ``T_inv = 300`` "slightly later in the epoch"; here it starts with the others, which the
+paper notes is immaterial.) Window-relative step numbers ``j = k - k0`` drive the seeded
+shadows' schedules, so ``j % T == 0`` fires their periodic updates; the history shadows follow
+the global step ``k``, which agrees on every period because ``k0`` is a multiple of ``5t``.
 
-The mixed policy of Sec. 3.5 puts both FC0 factors of the paper's network (16385 and 2048
-against ``n_M + r = 476``) and of the ``cpu`` profile's on the B-update path. The shadows
-apply the compared algorithm to both FC0 factors whatever their size (a B-update whose
-``r + n_M`` reaches the dimension is exact, see :func:`bkfac.linalg.brand_update`); only the
-smoke profile's tiny Gamma factor is affected.
+FC0 only, as the paper ("it only makes sense to perform B-updates for the first FC layer").
+The shadows apply the compared algorithm to both FC0 factors whatever their size (a B-update
+whose ``r + n_M`` reaches the dimension is exact, see :func:`bkfac.linalg.brand_update`).
+
+Along the reference trajectory the study also records how far FC0's spectrum has decayed
+(``seed<k>/spectrum.csv``: the fraction of the trace held by the top ``r`` eigenvalues and
+``lambda_r / lambda_1`` of both factors every 50 steps, from the reference's own ``eigh``): the
+paper places its windows where the decay has set in (its footnote 16), and chapter 4 shows ours.
 
 The reference. Its EA factors are ours (same rule and data as the benchmark optimizer; with
 the default ``drive`` they are checked against the optimizer's at each window start). Its
@@ -92,7 +101,9 @@ statistics stream, the shadows, the reference and the metrics are then exactly a
 own EA with period ``t`` from step 0); only the data-generating trajectory differs (its FC0
 step does not always use the exact inverse). ``config.json`` records which drove a run.
 
-Outputs under ``data/results/<profile>/error_study/`` (atomic writes): ``metrics.csv``
+Outputs under ``data/results/<profile>/error_study/`` (atomic writes): per seed ``seed<k>/rows.csv``,
+``seed<k>/run.json`` (diagnostics, inputs hash, provenance) and ``seed<k>/spectrum.csv``; combined
+over the complete seeds: ``metrics.csv``
 (window_epoch, step, algorithm, label, metric1..4, metric3_block, metric4_block -- the mean
 over the runs), ``metrics_runs.csv`` (per run, with its seed and global step),
 ``table1.csv`` (:func:`table1`), ``orderings.json`` (:func:`check_orderings`),
@@ -139,6 +150,12 @@ __all__ = [
     "step_errors",
     "ReferenceInverse",
     "ErrorWindow",
+    "HistoryShadows",
+    "StudyStream",
+    "HISTORY_METHODS",
+    "make_shadow",
+    "advance_shadow",
+    "stream_error_metrics",
     "error_window_metrics",
     "add_block_averages",
     "average_runs",
@@ -183,6 +200,24 @@ class ShadowSpec:
                 raise ValueError(f"ShadowSpec {self.key!r}: period {name} must be a positive multiple of "
                                  f"t_updt, got {mult!r}")
 
+    @property
+    def carries_history(self) -> bool:
+        """Whether the algorithm's state at any step is its own accumulated history: b-kfac never
+        overwrites and b-kfac-c only corrects, so their shadows must run from step 0
+        (:class:`HistoryShadows`); every other method's heaviest update rebuilds its state from
+        the EA factor alone."""
+        return self.method in HISTORY_METHODS
+
+    def heaviest_period(self, t_updt: int) -> int:
+        """Period of the algorithm's heaviest update (where its window starts, Sec. 4.2): the
+        correction for b-kfac-c, the RSVD overwrite for b-r-kfac, the B-update for b-kfac,
+        the recomputation (``t_inv``) otherwise."""
+        kw = self.kwargs(t_updt)
+        for name in ("t_corct", "t_rsvd", "t_brand", "t_inv"):
+            if name in kw:
+                return kw[name]
+        return t_updt
+
     def kwargs(self, t_updt: int) -> dict:
         kw = {name: mult * t_updt for name, mult in self.periods}
         if self.phi_crc is not None:
@@ -198,6 +233,9 @@ class ShadowSpec:
             parts.append(f"phi_corct={self.phi_crc:g}")
         return f"{base} {', '.join(parts)}"
 
+
+#: Methods whose state is their own history (:attr:`ShadowSpec.carries_history`).
+HISTORY_METHODS = ("brand", "brand+correction")
 
 #: The seven algorithms of Sec. 4.2, in the paper's order (periods in multiples of T_updt).
 PAPER_ALGORITHMS: tuple[ShadowSpec, ...] = (
@@ -413,6 +451,107 @@ class _ShadowFactor:
         return self.U_step @ (self.coef_step[:, None] * (self.U_step.mT @ X)) + X / self.lam
 
 
+def make_shadow(spec: ShadowSpec, dim: int, *, t_updt: int, rho: float, rank, oversample, power_iters: int,
+                epoch: int = 1, dtype=torch.float32, device=None, generator: torch.Generator) -> FactorInverse:
+    """A shadow of ``spec`` for one factor of dimension ``dim``: the optimizers' own inverse class
+    (:data:`bkfac.inverses.INVERSE_METHODS`) whose dense EA factor is the study's (``_SharedEA``)."""
+    cls = INVERSE_METHODS[spec.method]
+    kw = dict(rho=rho, t_updt=t_updt, dtype=dtype, device=device, generator=generator, **spec.kwargs(t_updt))
+    if cls is not EighInverse:
+        r = rank(epoch) if callable(rank) else rank
+        ro = oversample(epoch) if callable(oversample) else oversample
+        if dim <= r + ro:
+            raise ValueError(
+                f"{spec.key}: a factor of dimension {dim} is too small for rank {r} + oversampling {ro}; "
+                "the low-rank methods need dim > rank + oversample")
+        kw.update(rank=rank, oversample=oversample, power_iters=power_iters)
+    inv = _shadow_class(cls)(dim, **kw)
+    inv.epoch = epoch
+    return inv
+
+
+def advance_shadow(inv: FactorInverse, k: int, batch: Tensor, factor: Tensor) -> None:
+    """One statistics step ``k`` of a shadow, as the optimizer drives its inverses: the batch
+    matrix where the method wants it, the shared EA factor ``factor`` of step ``k``, then the
+    method's own refresh."""
+    inv._next_factor = factor
+    if inv.wants_batch(k):
+        inv.observe(k, batch)
+    elif inv.needs_dense:
+        inv.factor = factor
+    inv.refresh(k)
+    inv.end_step()
+
+
+class HistoryShadows:
+    """The shadows whose state is their own history (b-kfac, b-kfac-c: :attr:`ShadowSpec.carries_history`),
+    run from step 0 of the trajectory on the study's statistics stream, exactly as the optimizer
+    runs them: b-kfac's first representation is the exact EVD of ``M_0 M_0^T`` and every later one
+    a truncation and a B-update (Alg. 4); b-kfac-c adds its light corrections (Alg. 7) on its own
+    period. At a window start they are handed to :class:`ErrorWindow` as they are (``carried``):
+    the paper's b-kfac "never overwrites", so its error at epoch 15 is that of 15 epochs of
+    B-updates, not of a fresh RSVD.
+
+    Costs what the algorithms cost in training: one B-update every ``T_brand`` steps per factor,
+    plus b-kfac-c's correction every ``T_corct``; no ``d x d`` work for b-kfac (low-memory).
+
+    ``generators`` maps ``(key, factor)`` to a generator (default: seeded from ``(seed, key, factor)``);
+    give the optimizer's own generators to reproduce an optimizer's b-kfac-c bit for bit.
+    Call :meth:`advance` at every statistics step ``k`` (``k % t_updt == 0``) from ``k = 0``.
+    """
+
+    def __init__(self, algorithms: Sequence[ShadowSpec], dim_A: int, dim_G: int, *, t_updt: int, rho: float,
+                 rank, oversample, power_iters: int, epoch: int = 1, seed: int = 0, dtype=torch.float32,
+                 device=None, generators: dict | None = None):
+        self.t = t_updt
+        self.specs = tuple(a for a in algorithms if a.carries_history)
+        self.inverses: dict[str, dict[str, FactorInverse]] = {}
+        self.step = -1
+        for i, spec in enumerate(self.specs):
+            self.inverses[spec.key] = {}
+            for f, dim in (("A", dim_A), ("G", dim_G)):
+                gen = (generators or {}).get((spec.key, f))
+                if gen is None:
+                    gen = torch.Generator(device="cpu" if device is None else device)
+                    gen.manual_seed((seed * 1_000_003 + 7919 * i + 104729 + (f == "G")) % (2**63 - 1))
+                self.inverses[spec.key][f] = make_shadow(
+                    spec, dim, t_updt=t_updt, rho=rho, rank=rank, oversample=oversample,
+                    power_iters=power_iters, epoch=epoch, dtype=dtype, device=device, generator=gen)
+
+    def advance(self, k: int, batch: dict[str, Tensor], factors: dict[str, Tensor], epoch: int | None = None
+                ) -> dict[str, float]:
+        """Statistics step ``k``: every history shadow receives the batch matrices ``batch`` and
+        the EA factors ``factors`` of step ``k``. Returns the seconds each algorithm spent."""
+        if k % self.t:
+            raise ValueError(f"step {k} is not a statistics step (t_updt={self.t})")
+        if k <= self.step:
+            raise ValueError(f"steps must increase: got {k} after {self.step}")
+        self.step = k
+        seconds = {}
+        for key, invs in self.inverses.items():
+            t0 = time.perf_counter()
+            for f, inv in invs.items():
+                if epoch is not None:
+                    inv.epoch = epoch
+                advance_shadow(inv, k, batch[f], factors[f])
+            if factors["A"].is_cuda:
+                torch.cuda.synchronize(factors["A"].device)
+            seconds[key] = time.perf_counter() - t0
+        return seconds
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "inverses": {key: {f: (inv.state_dict(), inv.generator.get_state())
+                                                      for f, inv in invs.items()}
+                                                for key, invs in self.inverses.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        for key, invs in state["inverses"].items():
+            for f, (inv_state, gen_state) in invs.items():
+                self.inverses[key][f].load_state_dict(inv_state)
+                self.inverses[key][f].generator.set_state(gen_state)
+
+
 def _as_stream_j(J):
     """``J`` is a dense ``d_G x d_A`` matrix or a pair ``(L, R)`` with ``J = L R^T``."""
     if isinstance(J, (tuple, list)):
@@ -441,6 +580,12 @@ class ErrorWindow:
     step. ``rank``/``oversample`` may be epoch schedules (dicts or callables). Shadow state
     lives in the dtype and device of the statistics; the metrics in ``metric_dtype``.
     ``update_seconds[key]`` accumulates the time of each shadow's updates for ``j > 0``.
+
+    The algorithms whose state is their own history (b-kfac, b-kfac-c) are not seeded here:
+    ``carried`` hands the window their shadows as run from step 0 (:attr:`HistoryShadows.inverses`),
+    ``k0`` (the window's global start step) must then be a multiple of their heaviest period, and
+    the caller keeps advancing them (:meth:`HistoryShadows.advance`) before each :meth:`step`. At
+    ``k0 = 0`` (``ea_*_prev`` None) they may be built here instead: their history is then empty.
     """
 
     def __init__(
@@ -462,6 +607,8 @@ class ErrorWindow:
         min_damping: float = 1e-8,
         metric_dtype: torch.dtype = torch.float64,
         step_dtype: torch.dtype | None = None,
+        carried: dict | None = None,
+        k0: int = 0,
     ):
         if isinstance(t_updt, bool) or not isinstance(t_updt, int) or t_updt < 1:
             raise ValueError(f"t_updt must be a positive integer, got {t_updt!r}")
@@ -501,48 +648,51 @@ class ErrorWindow:
         self.shadows: dict[str, dict[str, _ShadowFactor]] = {}
         prev = {"A": ea_A_prev, "G": ea_G_prev}
         first = {"A": A0, "G": G0}
+        carried = dict(carried or {})
+        self.carried = frozenset(carried)
+        for key in carried:
+            if key not in keys:
+                raise ValueError(f"carried shadow {key!r} is not among the algorithms {keys}")
         for i, spec in enumerate(self.algorithms):
             self.shadows[spec.key] = {}
+            if spec.key in carried:
+                period = spec.heaviest_period(self.t)
+                if k0 % period:
+                    raise ValueError(f"{spec.key}: a window must start at its heaviest update, a multiple of "
+                                     f"{period} steps; got k0={k0}")
+                for f in ("A", "G"):
+                    inv = carried[spec.key][f]
+                    if inv.dim != first[f].shape[0]:
+                        raise ValueError(f"carried {spec.key} factor {f} has dimension {inv.dim}, the window's "
+                                         f"{first[f].shape[0]}")
+                    self.shadows[spec.key][f] = _ShadowFactor(inv, inv.dim)
+                continue
+            if spec.carries_history and (ea_A_prev is not None or ea_G_prev is not None):
+                raise ValueError(
+                    f"{spec.key}: its state at a window start is its own history since step 0 (it never "
+                    "overwrites); run it with HistoryShadows from step 0 and pass carried=HistoryShadows.inverses")
             for f in ("A", "G"):
-                inv = self._make(spec, i, f, first[f].shape[0], first[f].dtype, first[f].device)
+                gen = torch.Generator(device="cpu" if first[f].device is None else first[f].device)
+                gen.manual_seed((self.seed * 1_000_003 + 7919 * i + (f == "G")) % (2**63 - 1))
+                inv = make_shadow(spec, first[f].shape[0], t_updt=self.t, rho=rho, rank=self.rank,
+                                  oversample=self.oversample, power_iters=power_iters, epoch=self.epoch,
+                                  dtype=first[f].dtype, device=first[f].device, generator=gen)
                 self._seed(inv, prev[f], first[f], self.ea[f])
                 self.shadows[spec.key][f] = _ShadowFactor(inv, first[f].shape[0])
 
     # -- construction -----------------------------------------------------------------------
-    def _value(self, x):
-        return x(self.epoch) if callable(x) else x
-
-    def _make(self, spec: ShadowSpec, index: int, fac: str, dim: int, dtype, device) -> FactorInverse:
-        cls = INVERSE_METHODS[spec.method]
-        gen = torch.Generator(device="cpu" if device is None else device)
-        gen.manual_seed((self.seed * 1_000_003 + 7919 * index + (fac == "G")) % (2**63 - 1))
-        kw = dict(rho=self.rho, t_updt=self.t, dtype=dtype, device=device, generator=gen, **spec.kwargs(self.t))
-        if cls is not EighInverse:
-            r, ro = self._value(self.rank), self._value(self.oversample)
-            if dim <= r + ro:
-                raise ValueError(
-                    f"{spec.key}: factor {fac} of dimension {dim} is too small for rank {r} + oversampling {ro}; "
-                    "the low-rank methods need dim > rank + oversample")
-            kw.update(rank=self.rank, oversample=self.oversample, power_iters=self.power_iters)
-        inv = _shadow_class(cls)(dim, **kw)
-        inv.epoch = self.epoch
-        return inv
-
     def _seed(self, inv: FactorInverse, M_prev: Tensor | None, batch: Tensor, M0: Tensor) -> None:
-        """The heaviest update of the algorithm at the window start (module docstring)."""
-        if isinstance(inv, BrandInverse):
-            if M_prev is None:
-                U, d = brand_update(batch.new_zeros(inv.dim, 0), batch.new_zeros(0), batch)
-            else:
-                U, d = rsvd(_sym(M_prev), inv.rank, inv.oversample, inv.power_iters, inv.generator)
-                U, d = brand_update(U, inv.rho * d, math.sqrt(1.0 - inv.rho) * batch)
-            inv.U, inv.d = U.contiguous(), d.contiguous()
-            inv.factor = M0 if inv.needs_dense else None
-        else:  # eigh / rsvd / srevd: the class's own refresh at window-relative step 0
-            inv.factor = M0
-            inv.refresh(0)
+        """The heaviest update of a history-free algorithm at the window start (module docstring)."""
+        if M_prev is None or not isinstance(inv, BrandInverse):
+            # k0 = 0 (every method's first update, a B-update of an empty representation for the
+            # b-variants), or eigh / rsvd / srevd: the class's own update at window-relative step 0
+            advance_shadow(inv, 0, batch, M0)
             if inv.U is None:
                 raise RuntimeError(f"{type(inv).__name__} produced no representation at the window start")
+        else:  # b-r-kfac's heavy step (Alg. 5 lines 2-7): RSVD of M_{k0-1}, then the B-update
+            U, d = rsvd(_sym(M_prev), inv.rank, inv.oversample, inv.power_iters, inv.generator)
+            inv._set(*brand_update(U, inv.rho * d, math.sqrt(1.0 - inv.rho) * batch))
+            inv.factor = M0
 
     # -- stepping ---------------------------------------------------------------------------
     def step(self, j: int, A: Tensor | None = None, G: Tensor | None = None, J=None, *,
@@ -577,16 +727,11 @@ class ErrorWindow:
     def _advance(self, j: int, batch: dict[str, Tensor]) -> None:
         new = {f: _ea_update(self.ea[f], batch[f], self.rho) for f in ("A", "G")}
         for spec in self.algorithms:
+            if spec.key in self.carried:  # advanced by their HistoryShadows, on the global step
+                continue
             t0 = time.perf_counter()
-            for f, sh in self.shadows[spec.key].items():
-                inv = sh.inv
-                inv._next_factor = new[f]
-                if inv.wants_batch(j):
-                    inv.observe(j, batch[f])
-                elif inv.needs_dense:
-                    inv.factor = new[f]
-                inv.refresh(j)
-                inv.end_step()
+            for sh_f, sh in self.shadows[spec.key].items():
+                advance_shadow(sh.inv, j, batch[sh_f], new[sh_f])
             if new["A"].is_cuda:
                 torch.cuda.synchronize(new["A"].device)
             self.update_seconds[spec.key] += time.perf_counter() - t0
@@ -642,6 +787,125 @@ class ErrorWindow:
     def representation(self, key: str, factor: str) -> tuple[Tensor, Tensor]:
         """The current (undamped) representation ``(U, d)`` of shadow ``key``'s ``factor``."""
         return self.shadows[key][factor].inv.representation()
+
+
+class StudyStream:
+    """The error study along one statistics stream from step 0: the EA factors of eq. (5) with
+    period ``t_updt``, the :class:`HistoryShadows` (b-kfac, b-kfac-c from step 0) and the open
+    windows (:class:`ErrorWindow`), each closed after ``window`` steps. :func:`_trajectory` feeds
+    it from a training run; :func:`stream_error_metrics` from given matrices.
+
+    A window may start at a step ``k`` that is a multiple of :attr:`start_period`, the least
+    common multiple of ``t_updt`` and the history algorithms' heaviest periods (Sec. 4.2: every
+    algorithm's window starts at its heaviest update; the history-free ones are seeded with it).
+    ``window_kw`` are :class:`ErrorWindow`'s (``rho``, ``rank``, ``oversample``, ``power_iters``,
+    ``min_damping``, ``metric_dtype``, ...); ``generators`` go to :class:`HistoryShadows`.
+    """
+
+    def __init__(self, *, t_updt: int, window: int, algorithms: Sequence[ShadowSpec] = PAPER_ALGORITHMS,
+                 seed: int = 0, generators: dict | None = None, **window_kw):
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive integer, got {window!r}")
+        self.t = t_updt
+        self.window = window
+        self.algorithms = tuple(algorithms)
+        self.seed = seed
+        self.generators = generators
+        self.window_kw = window_kw
+        self.start_period = math.lcm(t_updt, *(a.heaviest_period(t_updt) for a in self.algorithms
+                                               if a.carries_history))
+        self.ea: dict[str, Tensor | None] = {"A": None, "G": None}
+        self.history: HistoryShadows | None = None
+        self.active: dict = {}
+        self.k = -1
+
+    def next_start(self, k: int) -> int:
+        """The first step ``>= k`` at which a window may start."""
+        return -(-k // self.start_period) * self.start_period
+
+    def step(self, k: int, A: Tensor | None, G: Tensor | None, J=None, *, phi: float, epoch: int = 1,
+             start=None) -> tuple[list[dict], list[ErrorWindow]]:
+        """Step ``k`` (consecutive from 0): ``A``, ``G`` are required on statistics steps, ``J``
+        (dense or ``(L, R)``) while a window is open; ``start`` opens a window labelled ``start``
+        here. Returns this step's metric rows (tagged ``window_epoch`` = the label and
+        ``global_step``) and the windows that closed."""
+        if k != self.k + 1:
+            raise ValueError(f"steps must be consecutive from 0: expected {self.k + 1}, got {k}")
+        stats = k % self.t == 0
+        if (stats or start is not None) and (A is None or G is None):
+            raise ValueError(f"step {k} is a statistics step (t_updt={self.t}) or opens a window: A and G are required")
+        if start is not None and k % self.start_period:
+            raise ValueError(f"a window starts at a multiple of {self.start_period} steps (every algorithm's "
+                             f"heaviest update); got step {k}")
+        self.k = k
+        seconds: dict[str, float] = {}
+        new = None
+        if stats:
+            new = {f: _ea_update(self.ea[f], X, self.window_kw.get("rho", 0.95)) for f, X in (("A", A), ("G", G))}
+            if self.history is None:
+                kw = {n: self.window_kw[n] for n in ("rho", "rank", "oversample", "power_iters")}
+                self.history = HistoryShadows(self.algorithms, A.shape[0], G.shape[0], t_updt=self.t, epoch=epoch,
+                                              seed=self.seed, dtype=A.dtype, device=A.device,
+                                              generators=self.generators, **kw)
+            seconds = self.history.advance(k, {"A": A, "G": G}, new, epoch)
+        if start is not None:
+            if start in self.active:
+                raise ValueError(f"a window labelled {start!r} is already open")
+            win = ErrorWindow(self.ea["A"], self.ea["G"], A, G, t_updt=self.t, phi=phi, epoch=epoch,
+                              algorithms=self.algorithms, seed=self.seed * 101 + k, k0=k,
+                              carried=self.history.inverses if self.history else None, **self.window_kw)
+            win.k0, win.label = k, start
+            self.active[start] = win
+        rows: list[dict] = []
+        closed = []
+        for label, win in list(self.active.items()):
+            j = k - win.k0
+            if j > 0:
+                for key in win.carried:
+                    win.update_seconds[key] += seconds.get(key, 0.0)
+            new_rows = win.step(j, A if j % self.t == 0 else None, G if j % self.t == 0 else None, J,
+                                phi=phi, epoch=epoch)
+            for r in new_rows:
+                r.update(window_epoch=label, global_step=k)
+            rows += new_rows
+            if j == self.window - 1:
+                closed.append(self.active.pop(label))
+        if stats:
+            self.ea = new
+        return rows, closed
+
+    def state_dict(self) -> dict:
+        """The stream's state between windows (for a resumable trajectory)."""
+        if self.active:
+            raise RuntimeError("the stream's state is saved between windows only")
+        return {"k": self.k, "ea": self.ea, "history": None if self.history is None else self.history.state_dict()}
+
+    def load_state_dict(self, state: dict, dims: tuple[int, int], dtype, device=None, epoch: int = 1) -> None:
+        self.k, self.ea = state["k"], state["ea"]
+        if state["history"] is not None:
+            kw = {n: self.window_kw[n] for n in ("rho", "rank", "oversample", "power_iters")}
+            self.history = HistoryShadows(self.algorithms, *dims, t_updt=self.t, epoch=epoch, seed=self.seed,
+                                          dtype=dtype, device=device, generators=self.generators, **kw)
+            self.history.load_state_dict(state["history"])
+
+
+def stream_error_metrics(stream: Sequence, starts: Sequence[int], *, t_updt: int, window: int,
+                         phi: float, **kw) -> list[dict]:
+    """The study on a given stream of ``(A_k, G_k, J_k)`` for ``k = 0, 1, ...`` (the data-only
+    core: no model, no CIFAR): every party runs from step 0, one window of ``window`` steps opens
+    at each step of ``starts`` (labelled by that step), and the rows come back with block
+    averages. ``kw`` are :class:`StudyStream`'s (``rho``, ``rank``, ``oversample``,
+    ``power_iters``, ``algorithms``, ...)."""
+    ss = StudyStream(t_updt=t_updt, window=window, **kw)
+    starts = set(starts)
+    last = max(starts) + window - 1
+    if last >= len(stream):
+        raise ValueError(f"the stream has {len(stream)} steps; the last window ends at step {last}")
+    rows: list[dict] = []
+    for k, (A, G, J) in enumerate(stream[: last + 1]):
+        r, _ = ss.step(k, A, G, J, phi=phi, start=k if k in starts else None)
+        rows += r
+    return add_block_averages(rows, t_updt, group=("window_epoch", "algorithm"))
 
 
 def add_block_averages(rows: list[dict], t_updt: int, group: Sequence[str] = ("algorithm",)) -> list[dict]:
@@ -1010,16 +1274,33 @@ def _kfac_hyper(profile: Profile, name: str) -> dict:
     return full
 
 
-def _window_starts(window_epochs: Sequence[int], batches: int, t: int) -> dict[int, int]:
-    return {e: -(-((e - 1) * batches) // t) * t for e in window_epochs}
+def _window_starts(window_epochs: Sequence[int], batches: int, stream: StudyStream) -> dict[int, int]:
+    """Each window's first step: the first step of its epoch at which every algorithm's heaviest
+    update falls (:meth:`StudyStream.next_start`)."""
+    return {e: stream.next_start((e - 1) * batches) for e in window_epochs}
+
+
+def _spectrum_row(k: int, epoch: int, fac: str, d: Tensor, r: int) -> dict:
+    """How far FC0's spectrum has decayed: the fraction of the trace held by the top ``r``
+    eigenvalues and ``lambda_r / lambda_1`` (from the reference's exact ``eigh``)."""
+    d = d.double().clamp(min=0)
+    total = float(d.sum())
+    return dict(step=k, epoch=epoch, factor=fac, rank=r, top_r_trace_fraction=float(d[:r].sum()) / total if total else 0.0,
+                lam_r_over_lam_1=float(d[r - 1] / d[0]) if d.numel() >= r and float(d[0]) > 0 else 0.0)
 
 
 def _trajectory(profile: Profile, seed: int, *, dev: torch.device, data_dir, drive: str, t: int,
                 window: int, window_epochs: Sequence[int], layer: str, progress: bool,
-                algorithms: Sequence[ShadowSpec], on_window_done=None) -> tuple[list[dict], dict]:
-    """One training trajectory with the windows' shadows; returns (rows, diagnostics).
-    ``on_window_done(rows, diag)`` is called after each window closes (partial results)."""
+                algorithms: Sequence[ShadowSpec], checkpoint: Path | None = None, inputs_key: str = "",
+                spectrum_every: int = 50) -> tuple[list[dict], dict]:
+    """One training trajectory with the study's stream (:class:`StudyStream`); returns (rows, diagnostics).
+
+    With ``checkpoint``, the trajectory's state (model, driver, stream, rows so far) is saved
+    atomically at each epoch boundary where no window is open, and a matching checkpoint
+    (same ``inputs_key``) is resumed from: the rows are those of the uninterrupted run."""
     from tqdm.auto import tqdm
+
+    from .results import atomic_torch_save
 
     tr = profile.train
     arrays = load_cifar10(data_dir)
@@ -1051,30 +1332,54 @@ def _trajectory(profile: Profile, seed: int, *, dev: torch.device, data_dir, dri
     shadow_hyper = _kfac_hyper(profile, "r-kfac")
     rho = hyper["rho"]
     phi_sched = as_schedule(hyper["damping_phi"])
+    rank_sched = as_schedule(shadow_hyper["rank"])
     min_damping = hyper.get("min_damping", 1e-8)
     dtype = hyper.get("factor_dtype") or module.weight.dtype
     reduction = opt.capture.reduction
+    stream = StudyStream(t_updt=t, window=window, algorithms=algorithms, seed=seed, rho=rho,
+                         rank=shadow_hyper["rank"], oversample=shadow_hyper["oversample"],
+                         power_iters=shadow_hyper["power_iters"], min_damping=min_damping)
 
     batches = len(train_loader)
     if tr["max_batches_per_epoch"]:
         batches = min(batches, tr["max_batches_per_epoch"])
-    starts = _window_starts(window_epochs, batches, t)
+    starts = _window_starts(window_epochs, batches, stream)
+    start_at = {k0: e for e, k0 in starts.items()}
     last = max(starts.values()) + window - 1
     diag: dict = dict(seed=seed, batches_per_epoch=batches, window_starts={str(e): k for e, k in starts.items()},
-                      last_step=last, ea_check={}, J_form={}, update_ms_per_step={}, seconds={})
-    ea = {"A": None, "G": None}
-    active: dict[int, ErrorWindow] = {}
+                      last_step=last, ea_check={}, J_form={}, update_ms_per_step={}, seconds={}, resumed_at=None)
     rows: list[dict] = []
+    spectrum: list[dict] = []
+    factored: dict[int, bool] = {}
     k, epoch = 0, 1
-    t_start = time.perf_counter()
-    t_metrics = 0.0
-    bar = tqdm(total=last + 1, desc=f"error study {profile.name} seed {seed}", disable=not progress, mininterval=10.0)
+    elapsed = 0.0
+    if checkpoint is not None and checkpoint.exists():
+        ck = torch.load(checkpoint, map_location=dev, weights_only=True)
+        if ck.get("inputs_key") == inputs_key:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            torch.set_rng_state(ck["rng"])
+            stream.load_state_dict(ck["stream"], (lc.d_A, lc.d_G), dtype, dev, ck["epoch"])
+            rows, spectrum, diag, k, epoch, elapsed = (ck["rows"], ck["spectrum"], ck["diag"], ck["k"], ck["epoch"],
+                                                       ck["elapsed"])
+            diag["resumed_at"] = k
+        elif progress:
+            print(f"error study: {checkpoint} is from other inputs; starting seed {seed} from step 0", flush=True)
+    t_start = time.perf_counter() - elapsed
+    bar = tqdm(total=last + 1, initial=k, desc=f"error study {profile.name} seed {seed}", disable=not progress,
+               mininterval=10.0)
     model.train()
     while k <= last:
+        if checkpoint is not None and epoch > 1 and not stream.active and k == (epoch - 1) * batches:
+            diag["seconds"] = dict(so_far=time.perf_counter() - t_start)
+            atomic_torch_save(dict(inputs_key=inputs_key, model=model.state_dict(), optimizer=opt.state_dict(),
+                                   rng=torch.get_rng_state(), stream=stream.state_dict(), rows=rows,
+                                   spectrum=spectrum, diag=diag, k=k, epoch=epoch,
+                                   elapsed=time.perf_counter() - t_start), checkpoint)
         opt.set_epoch(epoch)
         train_loader.set_epoch(epoch)
-        it = train_loader.iter_from(0)
-        for _ in range(batches):
+        it = train_loader.iter_from(k - (epoch - 1) * batches)
+        for _ in range(k - (epoch - 1) * batches, batches):
             if k > last:
                 break
             x, y = next(it)
@@ -1083,54 +1388,46 @@ def _trajectory(profile: Profile, seed: int, *, dev: torch.device, data_dir, dri
             if not math.isfinite(float(loss.detach())):
                 raise FloatingPointError(f"error study: non-finite training loss at step {k}")
             loss.backward()
-            starting = [e for e, k0 in starts.items() if k0 == k]
-            stats_step = k % t == 0
-            if stats_step or active or starting:
+            start = start_at.get(k)
+            A = G = J = None
+            if k % t == 0 or stream.active or start is not None:
                 A, G, scale = lc.batch_matrices(reduction, dtype)
-            phi = float(phi_sched(epoch)) if callable(phi_sched) else float(phi_sched)
-            tm = time.perf_counter()
-            for e in starting:
+            if start is not None:
                 Jd = lc.grad_matrix().to(dtype)
                 err = float(torch.linalg.matrix_norm(Jd - scale * (G @ A.mT)) / torch.linalg.matrix_norm(Jd))
-                factored = err < 1e-4
-                diag["J_form"][str(e)] = dict(factored=factored, rel_diff=err)
-                win = ErrorWindow(ea["A"], ea["G"], A, G, t_updt=t, rho=rho, rank=shadow_hyper["rank"],
-                                  oversample=shadow_hyper["oversample"], power_iters=shadow_hyper["power_iters"],
-                                  phi=phi, epoch=epoch, algorithms=algorithms, seed=seed * 101 + e,
-                                  min_damping=min_damping)
-                win.k0, win.window_epoch, win.factored = k, e, factored
-                active[e] = win
-            for e, win in list(active.items()):
-                j = k - win.k0
-                J = (scale * G, A) if win.factored else lc.grad_matrix().to(dtype)
-                new = win.step(j, A if j % t == 0 else None, G if j % t == 0 else None, J, phi=phi, epoch=epoch)
-                for r in new:
-                    r.update(window_epoch=e, global_step=k, seed=seed)
-                rows += new
-                if j == window - 1:
-                    diag["update_ms_per_step"][str(e)] = {a: 1000.0 * s / max(window - 1, 1)
-                                                          for a, s in win.update_seconds.items()}
-                    del active[e]
-                    if on_window_done is not None:
-                        diag["seconds"] = dict(so_far=time.perf_counter() - t_start, metrics_and_shadows=t_metrics)
-                        on_window_done(rows, diag)
-            t_metrics += time.perf_counter() - tm
-            if stats_step:
-                ea = {"A": _ea_update(ea["A"], A, rho), "G": _ea_update(ea["G"], G, rho)}
+                factored[start] = err < 1e-4
+                diag["J_form"][str(start)] = dict(factored=factored[start], rel_diff=err)
+            if stream.active or start is not None:
+                use_factored = all(factored[e] for e in [*stream.active, *([start] if start is not None else [])])
+                J = (scale * G, A) if use_factored else lc.grad_matrix().to(dtype)
+            phi = float(phi_sched(epoch)) if callable(phi_sched) else float(phi_sched)
+            new_rows, closed = stream.step(k, A, G, J, phi=phi, epoch=epoch, start=start)
+            for r in new_rows:
+                r["seed"] = seed
+            rows += new_rows
+            for win in closed:
+                diag["update_ms_per_step"][str(win.label)] = {a: 1000.0 * sec / max(window - 1, 1)
+                                                              for a, sec in win.update_seconds.items()}
             opt.step()
-            if starting and drive == "reference":  # our statistics stream is the benchmark's
+            if drive == "reference" and k % t == 0:  # our statistics stream is the benchmark's
                 for f, inv in (("A", ref_layer.inv_A), ("G", ref_layer.inv_G)):
-                    if inv is not None and inv.factor is not None:
-                        diff = float((inv.factor - ea[f]).abs().max() / ea[f].abs().max())
+                    if inv is None or inv.factor is None:
+                        continue
+                    if start is not None:
+                        diff = float((inv.factor - stream.ea[f]).abs().max() / stream.ea[f].abs().max())
                         diag["ea_check"].setdefault(str(k), {})[f] = diff
                         if diff > 1e-5:
                             raise RuntimeError(f"error study: our EA factor {f} differs from the driver's at step {k} "
                                                f"(relative {diff:.2e}); the statistics streams disagree")
+                    if k % spectrum_every == 0 and inv.U is not None:
+                        r = int(rank_sched(epoch)) if callable(rank_sched) else int(rank_sched)
+                        spectrum.append(_spectrum_row(k, epoch, f, inv.d, min(r, inv.dim)))
             k += 1
             bar.update(1)
         epoch += 1
     bar.close()
-    diag["seconds"] = dict(total=time.perf_counter() - t_start, metrics_and_shadows=t_metrics)
+    diag["seconds"] = dict(total=time.perf_counter() - t_start)
+    diag["spectrum"] = spectrum
     opt.remove_hooks()
     return rows, diag
 
@@ -1138,7 +1435,8 @@ def _trajectory(profile: Profile, seed: int, *, dev: torch.device, data_dir, dri
 def run_error_study(
     profile: Profile,
     *,
-    seed: int = 0,
+    seed: int | None = None,
+    seeds: Sequence[int] | None = None,
     device: str | None = None,
     data_dir: str | None = None,
     out_root: str | None = None,
@@ -1148,52 +1446,87 @@ def run_error_study(
     window: int | None = None,
     window_epochs: Sequence[int] | None = None,
     algorithms: Sequence[ShadowSpec] = PAPER_ALGORITHMS,
+    resume: bool = False,
 ) -> ErrorStudyResult:
     """The error study of Sec. 4.2-4.3 with ``profile.error_study`` (see the module docstring).
 
-    ``repeats`` runs with seeds ``seed, seed+1, ...`` (default: the profile's); ``window`` and
-    ``window_epochs`` override the profile's (to cut CPU time; recorded in ``config.json``);
-    ``drive`` picks the trajectory (``"reference"`` = k-fac with ``T_inv = T_updt``, the paper's).
-    Writes the files listed in the module docstring under
-    ``<out_root or data/results>/<profile>/error_study/`` and prints the orderings."""
+    Seeds: ``seeds``, else ``repeats`` seeds from ``seed`` (defaults: the profile's ``seeds`` or
+    ``repeats`` from its first training seed). Each seed's trajectory writes
+    ``seed<k>/rows.csv`` and ``seed<k>/run.json`` when it completes; with ``resume`` a seed
+    already complete with the same inputs is kept, and an interrupted one continues from its
+    last checkpoint (``seed<k>/checkpoint.pt``, saved at epoch boundaries between windows).
+    The combined files (module docstring) are written from every complete seed, ``config.json``
+    saying which. ``window``/``window_epochs`` override the profile's (recorded); ``drive``
+    picks the trajectory (``"reference"`` = k-fac with ``T_inv = T_updt``, the paper's)."""
+    import json
+
+    from .manifest import error_study_inputs, inputs_hash, provenance
     from .train import resolve_device
 
     es = profile.error_study
     t = es["t_updt"]
     window = window if window is not None else es["window"]
     window_epochs = list(window_epochs if window_epochs is not None else es["window_epochs"])
-    repeats = repeats if repeats is not None else es["repeats"]
-    for name, v in (("t_updt", t), ("window", window), ("repeats", repeats)):
+    if seeds is None:
+        repeats = repeats if repeats is not None else es["repeats"]
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"error_study repeats must be a positive integer, got {repeats!r}")
+        first = seed if seed is not None else profile.train["seeds"][0]
+        seeds = [first + i for i in range(repeats)]
+    seeds = list(seeds)
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise ValueError(f"seeds must be non-negative integers, got {seeds!r}")
+    for name, v in (("t_updt", t), ("window", window)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"error_study {name} must be a positive integer, got {v!r}")
     if not window_epochs or not all(isinstance(e, int) and e >= 1 for e in window_epochs):
         raise ValueError(f"window_epochs must be positive integers (1-indexed epochs), got {window_epochs!r}")
     dev = resolve_device(device, profile)
     out_dir = results_dir(profile.name, out_root) / "error_study"
-    config = dict(profile=profile.name, seeds=[seed + i for i in range(repeats)], drive=drive, t_updt=t,
-                  window=window, window_epochs=window_epochs, layer=es["layer"], device=str(dev),
-                  overrides={k: v for k, v in (("window", window), ("window_epochs", window_epochs),
-                                               ("repeats", repeats)) if v != es[k]},
-                  algorithms={a.key: a.label(t) for a in algorithms}, torch=torch.__version__,
-                  torch_threads=torch.get_num_threads())
+    algos = {a.key: a.label(t) for a in algorithms}
+    inputs = error_study_inputs(profile, seeds, drive=drive, window=window, window_epochs=window_epochs,
+                                algorithms=algos)
+    config = dict(profile=profile.name, seeds=seeds, drive=drive, t_updt=t, window=window,
+                  window_epochs=window_epochs, layer=es["layer"], device=str(dev),
+                  overrides={k: v for k, v in (("window", window), ("window_epochs", window_epochs))
+                             if v != es[k]},
+                  algorithms=algos, torch=torch.__version__, torch_threads=torch.get_num_threads(),
+                  inputs=inputs, inputs_hash=inputs_hash(inputs))
     all_rows: list[dict] = []
     diags: list[dict] = []
-
-    def partial(rows, diag):  # write what the finished windows give, marked incomplete
-        done = {int(e) for e in diag["update_ms_per_step"]}
-        rows = [r for r in rows if r["window_epoch"] in done]
-        _write_outputs(out_dir, all_rows + rows, diags + [diag], dict(config, complete=False), t, echo=False)
-
-    for i in range(repeats):
-        rows, diag = _trajectory(profile, seed + i, dev=dev, data_dir=data_dir, drive=drive, t=t, window=window,
+    for s in seeds:
+        seed_inputs = dict(inputs, seeds=[s])
+        key = inputs_hash(seed_inputs)
+        sdir = out_dir / f"seed{s}"
+        run_file = sdir / "run.json"
+        if resume and run_file.exists():
+            done = json.loads(run_file.read_text())
+            if done.get("inputs_hash") == key:
+                all_rows += _num(read_csv(sdir / "rows.csv"))
+                diags.append(done["diag"])
+                if progress:
+                    print(f"[{profile.name}] error study seed {s}: complete, kept", flush=True)
+                continue
+        rows, diag = _trajectory(profile, s, dev=dev, data_dir=data_dir, drive=drive, t=t, window=window,
                                  window_epochs=window_epochs, layer=es["layer"], progress=progress,
-                                 algorithms=algorithms, on_window_done=partial)
+                                 algorithms=algorithms, checkpoint=sdir / "checkpoint.pt" if resume else None,
+                                 inputs_key=key)
+        write_csv(sdir / "rows.csv", rows, _RUN_COLS)
+        if diag.get("spectrum"):
+            write_csv(sdir / "spectrum.csv", diag.pop("spectrum"))
+        write_json(run_file, dict(inputs_hash=key, seed=s, diag=diag, provenance=provenance(dev)))
+        (sdir / "checkpoint.pt").unlink(missing_ok=True)
         all_rows += rows
         diags.append(diag)
         if progress:
-            print(f"[{profile.name}] error study run {i + 1}/{repeats} (seed {seed + i}): "
-                  f"{diag['seconds']['total']:.0f} s", flush=True)
+            print(f"[{profile.name}] error study seed {s}: {diag['seconds']['total']:.0f} s", flush=True)
+        if len(diags) < len(seeds):  # what the complete seeds give so far, marked incomplete
+            _write_outputs(out_dir, all_rows, diags, dict(config, complete=False), t, echo=False)
     return _write_outputs(out_dir, all_rows, diags, dict(config, complete=True), t, echo=True)
+
+
+_RUN_COLS = ["seed", "window_epoch", "step", "global_step", "algorithm", "label", "phi", "metric1", "metric2",
+             "metric3", "metric4"]
 
 
 def _write_outputs(out_dir: Path, all_rows: list[dict], diags: list[dict], config: dict, t: int,
@@ -1214,9 +1547,7 @@ def _write_outputs(out_dir: Path, all_rows: list[dict], diags: list[dict], confi
             "metric3_block", "metric4_block", "n_runs"]
     files = dict(
         metrics=write_csv(out_dir / "metrics.csv", mean_rows, cols),
-        metrics_runs=write_csv(out_dir / "metrics_runs.csv", all_rows,
-                               ["seed", "window_epoch", "step", "global_step", "algorithm", "label", "phi", "metric1",
-                                "metric2", "metric3", "metric4", "metric3_block", "metric4_block"]),
+        metrics_runs=write_csv(out_dir / "metrics_runs.csv", all_rows, _RUN_COLS + ["metric3_block", "metric4_block"]),
         table1=write_csv(out_dir / "table1.csv", tab),
         orderings=write_json(out_dir / "orderings.json", orderings),
         config=write_json(out_dir / "config.json", config),
