@@ -209,6 +209,28 @@ def test_stale_cache_is_redecoded(png_root, tmp_path):
     assert torch.equal(again.train_x[last_ship], torch.from_numpy(extra))
 
 
+def test_png_rewritten_in_place_is_decoded_again(png_root, tmp_path):
+    """A PNG rewritten in place -- same name, same folder listing, even with its old modification
+    time put back (as ``cp -p`` or ``rsync -t`` do) -- invalidates the cache: the fingerprint holds
+    the size and times of every file."""
+    first = _load(png_root, tmp_path)
+    target = sorted((png_root / "train" / "cat").iterdir())[0]
+    st = target.stat()
+    new = np.full((3, 32, 32), 200, dtype=np.uint8)
+    assert not torch.equal(first.train_x[int(torch.nonzero(first.train_y == CLASSES.index("cat")).min())],
+                           torch.from_numpy(new))
+    _write_png(target, new)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.warns(RuntimeWarning, match="stale"):
+        again = _load(png_root, tmp_path)
+    first_cat = int(torch.nonzero(again.train_y == CLASSES.index("cat")).min())
+    assert torch.equal(again.train_x[first_cat], torch.from_numpy(new))
+    (cache,) = (tmp_path / "cache").iterdir()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert cache.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+
 # ------------------------------------------------------------------ missing / corrupted data
 
 
