@@ -310,6 +310,18 @@ def test_plot_error_study(tmp_path):
     assert "(3)" in fig2.axes[0].get_title() and len(fig2.axes[0].get_lines()) == 7
     with pytest.raises(ValueError, match="among 1..4"):
         plot_error_study(rows, metrics=(5,))
+    # a deep k-fac dip does not set the range; every curve has its own style; phi's change is marked
+    for r in rows:
+        if r["algorithm"] == "k-fac-5t" and r["step"] % 10 == 0:
+            r["metric1"] = 1e-9
+        r["phi"] = 0.1 if r["step"] < 20 else 0.05
+    fig3 = plot_error_study(rows)
+    ax = fig3.axes[0]
+    assert ax.get_ylim()[0] > 1e-4
+    styles = {(str(line.get_linestyle()), line.get_marker()) for line in ax.get_lines()[:7]}
+    assert len(styles) == 7
+    assert any(line.get_xdata()[0] == 20 for line in ax.get_lines()[7:])  # the vertical phi line
+    assert ax.get_ylabel() == "relative error"
 
 
 # -- (d) the smoke run end to end ------------------------------------------------------------------
@@ -500,3 +512,17 @@ def test_interrupted_trajectory_resumes_to_the_same_rows(tmp_path, monkeypatch, 
     assert len(resumed) == len(full)
     for a, b in zip(full, resumed):
         assert a == b
+
+
+def test_plot_spectrum_decay_and_its_rows():
+    import matplotlib
+
+    matplotlib.use("Agg")  # tests only (never for notebook runs)
+    d = torch.tensor([4.0, 2.0, 1.0, 1.0])
+    row = es._spectrum_row(10, 1, "A", d, 2)
+    assert row["top_r_trace_fraction"] == pytest.approx(6 / 8) and row["lam_r_over_lam_1"] == pytest.approx(0.5)
+    rows = [es._spectrum_row(k, 1, f, d * (1 + k / 100), 2) for k in (0, 50, 100) for f in ("A", "G")]
+    fig = es.plot_spectrum_decay(rows, {"3": 40}, 30)
+    assert len(fig.axes) == 2 and len(fig.axes[0].get_lines()) == 2
+    with pytest.raises(ValueError, match="empty"):
+        es.plot_spectrum_decay([])

@@ -163,6 +163,7 @@ __all__ = [
     "check_orderings",
     "format_orderings",
     "plot_error_study",
+    "plot_spectrum_decay",
     "run_error_study",
     "load_error_study",
     "ErrorStudyResult",
@@ -1207,12 +1208,33 @@ def format_orderings(orderings: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 # figures
 # ----------------------------------------------------------------------------------------------
+#: Line style and marker per algorithm: overlapping curves stay distinguishable in grey scale.
+_STYLES = {
+    "b-kfac": ("-", "o"), "b-r-kfac": ("--", "s"), "b-kfac-c": (":", "^"), "r-kfac-5t": ("-.", "v"),
+    "r-kfac-1t": ((0, (5, 1)), "D"), "r-kfac-30t": ((0, (3, 1, 1, 1)), "x"), "k-fac-5t": ((0, (1, 1)), "+"),
+}
+
+
+def _log_range(values: Sequence[float], spread: float = 1e4) -> tuple[float, float]:
+    """A log-scale y-range that shows the bulk of ``values``: from the 5th percentile (but at most
+    ``spread`` below the maximum) to a margin above the maximum, so that rare deep dips (k-fac's
+    refreshes, which reach the reference at 1e-7) do not squash every other curve."""
+    v = sorted(x for x in values if x > 0 and math.isfinite(x))
+    if not v:
+        return 1e-16, 1.0
+    lo = max(v[int(0.05 * (len(v) - 1))], v[-1] / spread)
+    return lo / 1.5, v[-1] * 1.5
+
+
 def plot_error_study(metrics_rows: list[dict], path=None, *, metrics: Sequence[int] = (1, 2),
-                     block_average: bool = True):
+                     block_average: bool = True, width: float = 7.0):
     """Figure 1 (``metrics=(1, 2)``) or Figure 2 (``metrics=(3, 4)``): one row per window epoch,
-    one column per metric, one curve per algorithm, log-scale y, FC layer 0. Step metrics use
-    the ``t_updt``-block averages when ``block_average`` (Fig. 2 caption). Saves to ``path``
-    when given; returns the :class:`matplotlib.figure.Figure`."""
+    one column per metric, one curve per algorithm (its own line style and marker), log-scale y,
+    FC layer 0. Step metrics use the ``t_updt``-block averages when ``block_average`` (Fig. 2
+    caption). The y-range shows the bulk of the non-k-fac curves (:func:`_log_range`): k-fac's
+    refresh dips run off the bottom. A change of the damping factor inside a window is
+    marked with a vertical line. The legend sits below the panels. Saves to ``path`` when given;
+    returns the :class:`matplotlib.figure.Figure`."""
     import matplotlib.pyplot as plt
 
     rows = _num(metrics_rows)
@@ -1224,25 +1246,75 @@ def plot_error_study(metrics_rows: list[dict], path=None, *, metrics: Sequence[i
     epochs = sorted(set(r["window_epoch"] for r in rows))
     algos = list(dict.fromkeys(r["algorithm"] for r in rows))
     labels = {r["algorithm"]: r["label"] for r in rows}
-    fig, axes = plt.subplots(len(epochs), len(metrics), figsize=(5.2 * len(metrics), 3.4 * len(epochs)),
+    fig, axes = plt.subplots(len(epochs), len(metrics), figsize=(width, 2.6 * len(epochs) + 0.9),
                              squeeze=False, sharex=True)
     cmap = plt.get_cmap("tab10")
     for i, ep in enumerate(epochs):
         for jx, m in enumerate(metrics):
             ax = axes[i][jx]
             col = f"metric{m}_block" if (block_average and m in (3, 4) and "metric3_block" in rows[0]) else f"metric{m}"
+            shown = []
+            phi_change = None
             for c, a in enumerate(algos):
                 sel = sorted((r for r in rows if r["window_epoch"] == ep and r["algorithm"] == a), key=lambda r: r["step"])
                 if not sel:
                     continue
                 y = [max(r[col], 1e-16) for r in sel]
-                ax.plot([r["step"] for r in sel], y, label=labels[a], color=cmap(c % 10), lw=1.3)
+                if not a.startswith("k-fac"):
+                    shown += y
+                ls, mk = _STYLES.get(a, ("-", None))
+                ax.plot([r["step"] for r in sel], y, label=labels[a], color=cmap(c % 10), lw=1.1, ls=ls,
+                        marker=mk, markevery=max(len(sel) // 6, 1), ms=3.5)
+                if phi_change is None and "phi" in sel[0]:
+                    phi_change = next((r["step"] for r in sel if r["phi"] != sel[0]["phi"]), None)
             ax.set_yscale("log")
-            ax.set_title(f"FC layer 0, epoch {ep}: ({m}) {METRIC_NAMES[m]}", fontsize=9)
+            lo, hi = _log_range(shown or [1.0])
+            ax.set_ylim(lo, hi)
+            if phi_change is not None:
+                ax.axvline(phi_change, color="0.4", lw=0.8, ls="--")
+                ax.text(phi_change, hi, " damping changes", fontsize=7, va="top", color="0.3")
+            ax.set_title(f"epoch {ep}: ({m}) {METRIC_NAMES[m]}", fontsize=8)
+            ax.set_ylabel("relative error" if m != 4 else "1 - cos", fontsize=8)
+            ax.tick_params(which="both", labelsize=7)
             if i == len(epochs) - 1:
-                ax.set_xlabel("step in window")
+                ax.set_xlabel("step in window (FC layer 0)", fontsize=8)
             ax.grid(True, which="both", alpha=0.25)
-    axes[0][-1].legend(fontsize=7, loc="best")
+    handles, names = axes[0][0].get_legend_handles_labels()
+    ncol = 2 if width < 9 else 3
+    fig.legend(handles, names, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.035 * (-(-len(names) // ncol)) + 0.02, 1, 1))
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=130)
+    return fig
+
+
+def plot_spectrum_decay(spectrum_rows: list[dict], window_starts: dict | None = None, window: int | None = None,
+                        path=None, *, width: float = 7.0):
+    """FC0's spectrum decay along the reference trajectory (``seed<k>/spectrum.csv``): the
+    fraction of the trace held by the top ``r`` eigenvalues and ``lambda_r / lambda_1`` per
+    factor against the training step, with the error study's windows shaded."""
+    import matplotlib.pyplot as plt
+
+    if not spectrum_rows:
+        raise ValueError("spectrum_rows is empty")
+    fig, axes = plt.subplots(1, 2, figsize=(width, 2.8), squeeze=False)
+    for ax, col, name in ((axes[0][0], "top_r_trace_fraction", "trace held by the top r eigenvalues"),
+                          (axes[0][1], "lam_r_over_lam_1", "lambda_r / lambda_1")):
+        for fac, ls in (("A", "-"), ("G", "--")):
+            sel = sorted((r for r in spectrum_rows if r["factor"] == fac), key=lambda r: int(float(r["step"])))
+            ax.plot([int(float(r["step"])) for r in sel], [float(r[col]) for r in sel], ls=ls,
+                    label="A (input)" if fac == "A" else "Gamma (output gradient)")
+        for e, k0 in (window_starts or {}).items():
+            ax.axvspan(int(k0), int(k0) + (window or 0), color="0.85", zorder=0)
+            ax.text(int(k0), ax.get_ylim()[1], f" window, epoch {e}", fontsize=7, va="top")
+        if col == "lam_r_over_lam_1":
+            ax.set_yscale("log")
+        ax.set_title(f"FC0: {name}", fontsize=8)
+        ax.set_xlabel("training step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, alpha=0.25)
+    axes[0][0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
