@@ -169,25 +169,24 @@ class PropositionCheck:
         return [s.row() for s in self.statements + self.errata]
 
     def table(self, kinds: Sequence[str] = ("claim", "proof", "erratum")) -> str:
-        """A Markdown table of the statements of the given ``kinds`` (for the book)."""
-        lines = [
-            "| statement | kind | checks | violations | refuted | worst defect |",
-            "|---|---|---:|---:|---:|---:|",
-        ]
-        for s in self.statements + self.errata:
-            if s.kind not in kinds:
-                continue
-            lines.append(
-                f"| {s.name} | {s.kind} | {s.checks} | {s.violations if s.kind != 'erratum' else '-'} "
-                f"| {s.refuted if s.kind == 'erratum' else '-'} | {s.worst:.2e} |"
-            )
-        return "\n".join(lines)
+        """A Markdown table of the statements of the given ``kinds`` (for the book), escaped by
+        :func:`bkfac.book.markdown_table` so that statements such as ``||M_k - B_k||`` stay in
+        their cell. ``violations`` is ``-`` for errata, ``refuted`` ``-`` for the others."""
+        from ..book import markdown_table
+
+        rows = [{"statement": s.name, "kind": s.kind, "checks": s.checks,
+                 "violations": "-" if s.kind == "erratum" else s.violations,
+                 "refuted": s.refuted if s.kind == "erratum" else "-", "worst defect": s.worst}
+                for s in self.statements + self.errata if s.kind in kinds]
+        columns = ["statement", "kind", "checks", "violations", "refuted", "worst defect"]
+        return markdown_table(rows, columns, floatfmt=".2e")
 
     def __str__(self) -> str:
+        """Two lines (each under 100 characters for the book's output cells)."""
         return (
             f"{self.proposition}: {self.instances} instances, {self.checks} checks, "
-            f"{self.violations} violations (tol {self.tol:g}), worst defect {self.worst:.2e}, "
-            f"{self.seconds:.1f} s"
+            f"{self.violations} violations (tol {self.tol:g})\n"
+            f"  worst defect {self.worst:.2e}, {self.seconds:.1f} s"
         )
 
 
