@@ -326,15 +326,48 @@ def _fmt(value: Any, floatfmt: str) -> str:
     return str(value)
 
 
+# TeX math as pandoc reads it ($...$: no space inside either dollar, no digit after the closing
+# one; $$...$$) and code spans: passed through a table cell as they are
+_CELL_VERBATIM = re.compile(r"(`+)(?!`).*?(?<!`)\1(?!`)|\$\$.+?\$\$|\$(?=\S)(?:\\.|[^$\\])*?(?<=\S)\$(?!\d)")
+# characters pandoc's Markdown reads as markup inside a line (emphasis, super/subscript, links,
+# citations, raw HTML/TeX, math, code, the pipe table's cell separator)
+_CELL_SPECIAL = re.compile(r"([\\`*_{}\[\]<>#@$|^~&])")
+
+
+def _cell_text(text: str) -> str:
+    """``text`` as one pipe-table cell that pandoc reads back as the same text: markup
+    characters backslash-escaped, line breaks made spaces; ``$...$`` math and code spans kept."""
+    text = " ".join(text.splitlines())
+    out, pos = [], 0
+    for m in _CELL_VERBATIM.finditer(text):
+        out += [_CELL_SPECIAL.sub(r"\\\1", text[pos:m.start()]), m.group(0)]
+        pos = m.end()
+    out.append(_CELL_SPECIAL.sub(r"\\\1", text[pos:]))
+    return "".join(out)
+
+
 def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, headers: Sequence[str] | None = None,
                    floatfmt: str = ".3g") -> str:
-    """A GitHub/Pandoc pipe table of ``rows`` (numbers right-aligned)."""
+    """A pandoc pipe table of ``rows``: the one escaping helper for every table of the book.
+
+    Cells and headers are text: floats formatted with ``floatfmt``, every character pandoc would
+    read as markup (``|`` above all, which would split the cell and lose the row's last cells,
+    and ``* _ ^ ~ [ ] < @ $`` ...) backslash-escaped, so pandoc reads back exactly the text;
+    spans written as TeX math (``$...$``) or code (backticks) are kept as math and code. A
+    column is right-aligned when all its values are numbers, missing ones (``None``, ``""``,
+    ``"-"``) aside.
+    """
     columns = list(columns or (rows[0].keys() if rows else []))
     headers = list(headers or columns)
-    numeric = [all(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in rows) for c in columns]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
+
+    def numeric(c):
+        values = [v for v in (r.get(c) for r in rows) if not (v is None or (isinstance(v, str) and v in ("", "-")))]
+        return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+    lines = ["| " + " | ".join(_cell_text(str(h)) for h in headers) + " |",
+             "|" + "|".join("---:" if numeric(c) else "---" for c in columns) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c, ""), floatfmt).replace("|", "\\|") for c in columns) + " |")
+        lines.append("| " + " | ".join(_cell_text(_fmt(r.get(c, ""), floatfmt)) for c in columns) + " |")
     return "\n".join(lines)
 
 
