@@ -28,6 +28,7 @@ made it.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
@@ -38,6 +39,7 @@ from pathlib import Path
 
 import pypandoc
 import pytest
+import torch
 
 from bkfac import book
 from bkfac.experiments.propositions import Statement, PropositionCheck
@@ -524,3 +526,76 @@ def test_no_committed_file_holds_an_absolute_path():
         text = data.decode("utf-8", errors="replace")
         found += [f"{path.relative_to(ROOT)}: {hit}" for hit in absolute_paths(text)]
     assert not found, _report(found)
+
+
+# ------------------------------------------------------------------------------------------
+# results name their data by layout and content, never by where it was read from
+# ------------------------------------------------------------------------------------------
+
+FINGERPRINT_RE = re.compile(r"^(?P<layout>[\w-]+) (?P<train>\d+)\+(?P<test>\d+) sha256:(?P<hex>[0-9a-f]{64})$")
+
+
+def _arrays(source: str, seed: int = 0):
+    from bkfac.experiments.data import CIFAR10_CLASSES, CIFAR10Arrays
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (30, 3, 32, 32), generator=g, dtype=torch.uint8)
+    y = torch.arange(30) % 10
+    return CIFAR10Arrays(x[:20].clone(), y[:20].clone(), x[20:].clone(), y[20:].clone(), CIFAR10_CLASSES,
+                         source=source, layout="png-tree")
+
+
+def test_fingerprint_is_the_content_not_the_place():
+    from bkfac.experiments.data import fingerprint
+
+    a, b = _arrays("/somewhere/cifar10"), _arrays("elsewhere")
+    fa = fingerprint(a)
+    m = FINGERPRINT_RE.match(fa)
+    assert m and m["layout"] == "png-tree" and (m["train"], m["test"]) == ("20", "10")
+    assert fingerprint(b) == fa and "somewhere" not in fa  # same content, other place
+    # an independent digest: the documented byte layout, hashed from .tobytes()
+    h = hashlib.sha256(("classes:" + ",".join(a.classes) + "\n").encode())
+    for name in ("train_x", "train_y", "test_x", "test_y"):
+        t = getattr(a, name)
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode() + t.numpy().tobytes())
+    assert m["hex"] == h.hexdigest()
+    c = _arrays("elsewhere")
+    c.train_x[7, 1, 3, 4] ^= 1  # one bit of one pixel
+    d = _arrays("elsewhere")
+    d.test_y[0] = 3  # one label
+    e = _arrays("elsewhere")
+    e.layout = "cifar-10-batches-py"
+    assert len({fa, fingerprint(c), fingerprint(d), fingerprint(e)}) == 4
+    assert fingerprint(a) is fingerprint(a)  # computed once per arrays object
+    with pytest.raises(TypeError, match="arrays"):
+        fingerprint(a.train_x)
+
+
+def test_training_records_the_data_fingerprint(tmp_path):
+    from bkfac.cli import main
+    from bkfac.experiments.data import fingerprint, synthetic_cifar10
+    from bkfac.experiments.profiles import load_profile
+
+    prof = load_profile("smoke")
+    rc = main(["train", "--profile", "smoke", "--optimizer", "sgd", "--out", str(tmp_path), "--quiet",
+               "--epochs", "1", "--synthetic-data"])
+    assert rc == 0
+    summary = json.loads((tmp_path / "smoke-synthetic" / "sgd" / "seed0" / "summary.json").read_text())
+    expected = fingerprint(synthetic_cifar10(prof.data["n_train"], prof.data["n_test"], seed=0))
+    assert summary["data"] == expected and expected.startswith("synthetic ")
+
+
+def test_committed_results_name_their_data_by_content():
+    summaries = [p for p in _committed_files() if p.name == "summary.json" and p.is_file()]
+    assert summaries
+    full = set()
+    for path in summaries:
+        data = json.loads(path.read_text(encoding="utf-8")).get("data")
+        if data is None:
+            continue  # older runs recorded no data field
+        assert not absolute_paths(data), f"{path.relative_to(ROOT)}: data named by a path: {data}"
+        m = FINGERPRINT_RE.match(data)
+        assert m or data.startswith("synthetic ["), f"{path.relative_to(ROOT)}: data is {data!r}"
+        if m and m["layout"] != "synthetic" and (m["train"], m["test"]) == ("50000", "10000"):
+            full.add(data)
+    assert len(full) <= 1, f"the runs on the full CIFAR-10 name different data: {full}"

@@ -49,6 +49,7 @@ __all__ = [
     "DATA_DIR_ENV",
     "CACHE_DIR_ENV",
     "CIFAR10Arrays",
+    "fingerprint",
     "CIFARLoader",
     "resolve_data_dir",
     "resolve_cache_dir",
@@ -167,6 +168,30 @@ def _check_counts(a: CIFAR10Arrays, expected_counts: tuple[int, int] | None, whe
             f"{a.n_train} and {a.n_test} (an incomplete copy? pass expected_counts=None to "
             f"accept a partial data set)"
         )
+
+
+def fingerprint(arrays: CIFAR10Arrays) -> str:
+    """The data set by layout and content: ``"<layout> <n_train>+<n_test> sha256:<hex>"``.
+
+    The SHA-256 covers the class names and the decoded arrays (train and test images and
+    labels, with their dtypes and shapes), never where they were read from: two copies of
+    CIFAR-10 that decode to the same tensors have the same fingerprint wherever they live, and
+    a copy that differs in one pixel or label has another. Training runs record it in
+    ``summary.json`` (``"data"``). It takes about 0.3 s for the full data set, once per arrays
+    object (kept on it; arrays changed in place afterwards keep the old value).
+    """
+    if not isinstance(arrays, CIFAR10Arrays):
+        raise TypeError(f"arrays must be CIFAR10Arrays, got {type(arrays).__name__}")
+    cached = arrays.__dict__.get("_fingerprint")
+    if cached is None:
+        h = hashlib.sha256(("classes:" + ",".join(arrays.classes) + "\n").encode())
+        for name in ("train_x", "train_y", "test_x", "test_y"):
+            t = getattr(arrays, name).detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+            h.update(memoryview(t.numpy()).cast("B"))
+        cached = f"{arrays.layout or 'unknown-layout'} {arrays.n_train}+{arrays.n_test} sha256:{h.hexdigest()}"
+        arrays.__dict__["_fingerprint"] = cached
+    return cached
 
 
 # --------------------------------------------------------------------------------------

@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from ..optim.factory import make_optimizer
-from .data import CIFAR10_TEST_SIZE, CIFAR10_TRAIN_SIZE, load_cifar10, make_loaders, subset, synthetic_cifar10
+from .data import (CIFAR10_TEST_SIZE, CIFAR10_TRAIN_SIZE, fingerprint, load_cifar10, make_loaders, subset,
+                   synthetic_cifar10)
 from .manifest import inputs_hash, provenance, run_inputs
 from .models import build_model
 from .profiles import Profile
@@ -307,7 +308,7 @@ def train_run(
     result.summary = summarize(history, t["targets"])
     result.summary.update(profile=profile.name, run=run, label=label, optimizer=opt_name, seed=seed,
                           device=str(dev), torch=torch.__version__, machine=platform.processor() or platform.machine(),
-                          batches_per_epoch=batches, world_size=world, data=arrays.source)
+                          batches_per_epoch=batches, world_size=world, data=fingerprint(arrays))
     inputs = run_inputs(profile, run, seed)
     result.summary.update(inputs=inputs, inputs_hash=inputs_hash(inputs), provenance=provenance(dev))
     if lead:
