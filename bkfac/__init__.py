@@ -6,6 +6,12 @@ Public API (implementation in the subpackages ``linalg`` <- ``inverses`` <- ``op
     import bkfac
     opt = bkfac.make_optimizer("b-kfac", model)          # the paper's defaults
     opt = bkfac.BKFAC(model, lr=0.1, t_brand=5, rank=64)  # or explicit hyper-parameters
+    bkfac.check_hyper("b-r-kfac", {"t_brand": 10, "t_rsvd": 25})  # ValueError: not a multiple
+    print(opt.describe_table(batch_size=256, input_shape=(3, 32, 32)))  # what each factor will use
+    A = opt.k_factor("fc0", "A").dense()                  # a K-factor, after the first step
+
+Every hyper-parameter is checked when an optimizer is built (``bkfac.check_hyper`` runs the
+same checks without a model; ``bkfac.hyper_names`` lists what a method uses).
 """
 
 from . import linalg
@@ -20,6 +26,9 @@ from .optim import (
     SGD,
     SREKFAC,
     EpochSchedule,
+    KFactor,
+    check_hyper,
+    hyper_names,
     make_optimizer,
     paper_defaults,
 )
@@ -37,5 +46,6 @@ def __getattr__(name):
 
 __all__ = [
     "linalg", "KFAC", "RKFAC", "SREKFAC", "BKFAC", "BRKFAC", "BKFACC", "SENG", "SGD",
-    "make_optimizer", "paper_defaults", "OPTIMIZERS", "PAPER_DEFAULTS", "EpochSchedule", "__version__",
+    "make_optimizer", "paper_defaults", "check_hyper", "hyper_names", "KFactor", "OPTIMIZERS", "PAPER_DEFAULTS",
+    "EpochSchedule", "__version__",
 ]

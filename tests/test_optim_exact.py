@@ -133,8 +133,10 @@ PAIRS = [(c, m) for c in CASES for m in METHODS if CASES[c][0] or m not in ("r-k
 def test_exact_limit_equals_dense_kfac(case, method, references):
     with_conv, n, steps, rank, policy = CASES[case]
     model = make_model(with_conv)
-    hyper = dict(lr=LR, damping_phi=PHI, rho=RHO, t_updt=1, t_inv=1, rank=rank, oversample=0,
-                 weight_decay=WD, momentum=MOM, clip=CLIP, clip_mode="rms", spectrum_continuation=True)
+    hyper = dict(lr=LR, damping_phi=PHI, rho=RHO, t_updt=1, t_inv=1, weight_decay=WD, momentum=MOM, clip=CLIP,
+                 clip_mode="rms")
+    if method != "k-fac":  # k-fac keeps full-rank representations: no rank, no continuation
+        hyper.update(rank=rank, oversample=0, spectrum_continuation=True)
     if method.startswith("b-"):
         hyper.update(t_brand=1, policy=policy)
     if method == "b-r-kfac":

@@ -88,13 +88,13 @@ before every iteration with ``t = epoch0 + (batch_idx + 1) / batches_per_epoch``
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..optim.kfac import check_names, check_param_state, signature_defaults, warn_once_per_model
 from ..optim.timer import PhaseTimer
 
 __all__ = ["SENG", "seng_exp_lr"]
@@ -111,6 +111,42 @@ def _is_int(x: Any) -> bool:
 
 def _is_real(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check(cond, message: str):
+    def check(name: str, v) -> None:
+        if not cond(v):
+            raise ValueError(f"{name} must be {message}, got {v!r}")
+
+    return check
+
+
+def _check_loader(name: str, v) -> None:
+    if v is not None and not hasattr(v, "__len__"):
+        raise ValueError(f"{name} must have a length (len(loader) batches per epoch), got {type(v).__name__}")
+
+
+_SENG_CHECKS = {
+    "lr": _check(lambda v: _is_real(v) and v >= 0, "a finite number >= 0"),
+    "damping": _check(lambda v: _is_real(v) and v > 0, "a finite number > 0"),
+    "weight_decay": _check(lambda v: _is_real(v) and v >= 0, "a finite number >= 0"),
+    "momentum": _check(lambda v: _is_real(v) and 0 <= v < 1, "in [0, 1)"),
+    "update_freq": _check(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "col_sample_size": _check(lambda v: v is None or (_is_int(v) and v >= 1), "None or an integer >= 1"),
+    "lr_scheme": _check(lambda v: v in _LR_SCHEMES, f"one of {_LR_SCHEMES}"),
+    "lr_decay_rate": _check(lambda v: _is_real(v) and v >= 0, "a finite number >= 0"),
+    "lr_decay_epoch": _check(lambda v: _is_real(v) and v > 0, "a finite number > 0"),
+    "loss_reduction": _check(lambda v: v in _REDUCTIONS, f"one of {_REDUCTIONS}"),
+    "timer": _check(lambda v: v is None or isinstance(v, (PhaseTimer, bool)), "a PhaseTimer, a bool or None"),
+    "sync_timer": _check(lambda v: isinstance(v, bool), "a bool"),
+    "steps_per_epoch": _check(lambda v: v is None or (_is_int(v) and v >= 1), "None or an integer >= 1"),
+    "loader": _check_loader,
+    "im_size_threshold": _check(lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "svd_rank": _check(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "col_scaling": _check(lambda v: v in _COL_SCALINGS, f"one of {_COL_SCALINGS}"),
+    "implicit_transpose": _check(lambda v: v in _TRANSPOSES, f"one of {_TRANSPOSES}"),
+    "seed": _check(lambda v: v is None or _is_int(v), "None or an integer"),
+}
 
 
 def seng_exp_lr(epoch: float, *, lr0: float, decay_rate: float, decay_epoch: float) -> float:
@@ -203,9 +239,9 @@ class SENG(torch.optim.Optimizer):
 
     See the module docstring for the method and where each detail comes from. Usage::
 
-        opt = SENG(model, steps_per_epoch=len(loader))   # Appendix D defaults
+        opt = SENG(model, loader=loader)   # Appendix D defaults; make_optimizer("seng", model, loader=loader)
         for epoch in range(1, epochs + 1):
-            opt.set_epoch(epoch)          # with steps_per_epoch: lr decays every iteration
+            opt.set_epoch(epoch)          # with the loader's length: lr decays every iteration
             for x, y in loader:
                 opt.zero_grad()
                 loss_fn(model(x), y).backward()
@@ -243,7 +279,10 @@ class SENG(torch.optim.Optimizer):
         steps_per_epoch: with the 'exp' scheme, let ``step()`` advance the lr before every
             iteration as the official loop does, ``t = (epoch - 1) + (k + 1) / steps_per_epoch``
             for the ``k``-th step (0-indexed) since :meth:`set_epoch` (``epoch`` 1 before any
-            call); ``None``: the lr changes only in :meth:`set_epoch`.
+            call); ``None`` (and no ``loader``): the lr changes only in :meth:`set_epoch`.
+        loader: the training data loader; when given, ``steps_per_epoch = len(loader)`` (an
+            explicit ``steps_per_epoch`` must then agree with it). :meth:`describe_table`
+            says which schedule is in force and where its length came from.
         im_size_threshold: layers with more parameters than this use the implicit
             (factored) representation.
         svd_rank: rank of the per-sample low-rank approximation in implicit conv layers.
@@ -251,7 +290,14 @@ class SENG(torch.optim.Optimizer):
         implicit_transpose: ``"seng"`` (official rank-p surrogate) or ``"exact"``.
         seed: seed of the optimizer's own generator for column sampling (``None``:
             ``torch.initial_seed()``). Its state is part of :meth:`state_dict`.
+
+    Every argument is checked at construction (:meth:`check_hyper`, also without a model):
+    ``ValueError`` naming it.
     """
+
+    algorithm = "seng"
+    _unused: dict = {}
+    _accepted_unused: dict = {}
 
     def __init__(
         self,
@@ -270,51 +316,24 @@ class SENG(torch.optim.Optimizer):
         timer: PhaseTimer | bool | None = None,
         sync_timer: bool = False,
         steps_per_epoch: int | None = None,
+        loader=None,
         im_size_threshold: int = 700_000,
         svd_rank: int = 16,
         col_scaling: str = "seng",
         implicit_transpose: str = "seng",
         seed: int | None = None,
+        **unused: Any,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not _is_real(lr) or lr < 0:
-            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
-        if not _is_real(damping) or damping <= 0:
-            raise ValueError(f"damping must be a finite number > 0, got {damping!r}")
-        if not _is_real(weight_decay) or weight_decay < 0:
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
-        if not _is_real(momentum) or not 0 <= momentum < 1:
-            raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
-        if not _is_int(update_freq) or update_freq < 1:
-            raise ValueError(f"update_freq must be an integer >= 1, got {update_freq!r}")
-        if col_sample_size is not None and (not _is_int(col_sample_size) or col_sample_size < 1):
-            raise ValueError(f"col_sample_size must be None or an integer >= 1, got {col_sample_size!r}")
-        if lr_scheme not in _LR_SCHEMES:
-            raise ValueError(f"lr_scheme must be one of {_LR_SCHEMES}, got {lr_scheme!r}")
-        if not _is_real(lr_decay_rate) or lr_decay_rate < 0:
-            raise ValueError(f"lr_decay_rate must be a finite number >= 0, got {lr_decay_rate!r}")
-        if not _is_real(lr_decay_epoch) or lr_decay_epoch <= 0:
-            raise ValueError(f"lr_decay_epoch must be a finite number > 0, got {lr_decay_epoch!r}")
-        if loss_reduction not in _REDUCTIONS:
-            raise ValueError(f"loss_reduction must be one of {_REDUCTIONS}, got {loss_reduction!r}")
-        if timer is not None and not isinstance(timer, (PhaseTimer, bool)):
-            raise ValueError(f"timer must be a PhaseTimer, a bool or None, got {type(timer).__name__}")
-        if not isinstance(sync_timer, bool):
-            raise ValueError(f"sync_timer must be a bool, got {sync_timer!r}")
-        if steps_per_epoch is not None and (not _is_int(steps_per_epoch) or steps_per_epoch < 1):
-            raise ValueError(f"steps_per_epoch must be None or an integer >= 1, got {steps_per_epoch!r}")
-        if not _is_int(im_size_threshold) or im_size_threshold < 0:
-            raise ValueError(f"im_size_threshold must be an integer >= 0, got {im_size_threshold!r}")
-        if not _is_int(svd_rank) or svd_rank < 1:
-            raise ValueError(f"svd_rank must be an integer >= 1, got {svd_rank!r}")
-        if col_scaling not in _COL_SCALINGS:
-            raise ValueError(f"col_scaling must be one of {_COL_SCALINGS}, got {col_scaling!r}")
-        if implicit_transpose not in _TRANSPOSES:
-            raise ValueError(f"implicit_transpose must be one of {_TRANSPOSES}, got {implicit_transpose!r}")
-        if seed is not None and not _is_int(seed):
-            raise ValueError(f"seed must be None or an integer, got {seed!r}")
-
+        check_names(type(self), unused)  # ValueError naming SENG and the argument
+        if loader is not None and steps_per_epoch is None and hasattr(loader, "__len__"):
+            steps_per_epoch = len(loader)
+            self.steps_per_epoch_source = "len(loader)"
+        else:
+            self.steps_per_epoch_source = None if steps_per_epoch is None else "steps_per_epoch"
+        given = {k: v for k, v in locals().items() if k in _SENG_KEYS}
+        self.check_hyper(given)
         self.update_freq = update_freq
         self.col_sample_size = col_sample_size
         self.lr_scheme = lr_scheme
@@ -338,8 +357,10 @@ class SENG(torch.optim.Optimizer):
         self._curvature: dict[str, dict[str, Any]] = {}
 
         self._layers, other, unsupported = self._discover(model)
+        self._unsupported = unsupported
         if unsupported:
-            warnings.warn(
+            warn_once_per_model(
+                model,
                 "SENG preconditions only nn.Linear and nn.Conv2d (groups=1) layers; the "
                 "parameters of these layers get the plain SGD step: "
                 + ", ".join(f"{n} ({why})" for n, why in unsupported),
@@ -359,6 +380,56 @@ class SENG(torch.optim.Optimizer):
             group.setdefault("initial_lr", lr)
         self._by_name = {layer.name: layer for layer in self._layers}
         self._register_hooks()
+
+    # ------------------------------------------------------------------ hyper-parameters
+    @classmethod
+    def hyper_parameters(cls) -> dict[str, Any]:
+        """``{name: class default}`` of every keyword argument SENG uses."""
+        return signature_defaults(cls.__init__)
+
+    @classmethod
+    def check_hyper(cls, hyper: dict[str, Any]) -> None:
+        """Check keyword arguments without a model: ``ValueError`` naming the argument (and
+        naming SENG for one it does not use)."""
+        check_names(cls, hyper)
+        for key, value in hyper.items():
+            _SENG_CHECKS[key](key, value)
+        loader, spe = hyper.get("loader"), hyper.get("steps_per_epoch")
+        if loader is not None and spe is not None and len(loader) != spe:
+            raise ValueError(f"steps_per_epoch={spe} differs from len(loader)={len(loader)}")
+
+    def schedule(self) -> str:
+        """How the learning rate moves, in words (the 'exp' scheme per iteration or per epoch)."""
+        if self.lr_scheme is None:
+            return "lr_scheme=None: the learning rate is left to the user (or a torch lr_scheduler)"
+        head = f"'exp' scheme lr0 * (1 - t / {self.lr_decay_epoch:g}) ** {self.lr_decay_rate:g}"
+        if self.steps_per_epoch is None:
+            return f"{head}, t = epochs completed, set by set_epoch() only (no loader or steps_per_epoch given)"
+        return (f"{head}, updated before every step with {self.steps_per_epoch} steps per epoch "
+                f"(from {self.steps_per_epoch_source})")
+
+    def describe(self, batch_size: int | None = None, *, input_shape=None) -> list[dict[str, Any]]:
+        """One row per layer: ``layer``, ``kind``, ``method`` (``'seng explicit'`` /
+        ``'seng implicit'`` or ``'SGD'``), ``params`` (number of weights incl. bias) and
+        ``why``. SENG's choice needs no batch size (the arguments mirror the K-FAC family's)."""
+        rows = [dict(layer=L.name, kind=L.kind, method=f"seng {'implicit' if L.implicit else 'explicit'}",
+                     params=L.numel, why=f"{'>' if L.implicit else '<='} im_size_threshold={self.im_size_threshold}")
+                for L in self._layers]
+        rows += [dict(layer=name, kind="unsupported", method="SGD", params=None, why=why)
+                 for name, why in self._unsupported]
+        return rows
+
+    def describe_table(self, batch_size: int | None = None, *, input_shape=None) -> str:
+        """:meth:`describe` as an aligned table under the learning-rate :meth:`schedule`."""
+        rows = self.describe()
+        cols = ["layer", "method", "params", "why"]
+        body = [[str(r[c]) if r[c] is not None else "" for c in cols] for r in rows]
+        widths = [max(len(c), *(len(b[j]) for b in body)) for j, c in enumerate(cols)]
+        line = lambda vals: "  ".join(f"{v:<{w}}" if j != 2 else f"{v:>{w}}"  # noqa: E731
+                                      for j, (v, w) in enumerate(zip(vals, widths))).rstrip()
+        header = line(cols)
+        return "\n".join([f"seng, update_freq {self.update_freq}; lr: {self.schedule()}", header,
+                          "-" * len(header), *(line(b) for b in body)])
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
@@ -756,7 +827,45 @@ class SENG(torch.optim.Optimizer):
         }
         return sd
 
+    @staticmethod
+    def _check_curvature(layer: _Layer, entry: dict[str, Any]) -> None:
+        """The stored curvature of ``layer`` must fit its shapes (``ValueError`` otherwise)."""
+        def bad(what: str, got) -> ValueError:
+            shape = tuple(got.shape) if isinstance(got, Tensor) else type(got).__name__
+            return ValueError(f"state_dict curvature of {layer.describe()}: {what} has shape {shape}, which does "
+                              f"not fit the layer ({layer.d_out} x {layer.d_in}): saved for another model")
+
+        if entry.get("implicit") != layer.implicit:
+            raise ValueError(f"state_dict curvature of {layer.describe()}: saved "
+                             f"{'implicit' if entry.get('implicit') else 'explicit'}, the layer is "
+                             f"{'implicit' if layer.implicit else 'explicit'} here")
+        chol = entry.get("chol")
+        if not isinstance(chol, Tensor) or chol.dim() != 2 or chol.shape[0] != chol.shape[1]:
+            raise bad("chol", chol)
+        n = chol.shape[0]
+        if not layer.implicit:
+            U = entry.get("U")
+            if not isinstance(U, Tensor) or tuple(U.shape) != (n, layer.numel):
+                raise bad("U", U)
+            if "index" in entry:
+                idx, US = entry["index"], entry.get("U_S")
+                if not isinstance(idx, Tensor) or idx.dim() != 1 or (idx.numel() and int(idx.max()) >= layer.numel):
+                    raise bad("index", idx)
+                if not isinstance(US, Tensor) or tuple(US.shape) != (n, idx.numel()):
+                    raise bad("U_S", US)
+        else:
+            for key, dim in (("g", layer.d_out), ("a", layer.d_in)):
+                t = entry.get(key)
+                if not isinstance(t, Tensor) or t.dim() != 3 or t.shape[0] != n or t.shape[1] != dim:
+                    raise bad(key, t)
+            for key, dim in (("row_index", layer.d_out), ("col_index", layer.d_in)):
+                idx = entry.get(key)
+                if idx is not None and (not isinstance(idx, Tensor) or (idx.numel() and int(idx.max()) >= dim)):
+                    raise bad(key, idx)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`; the layers, the shapes of every stored curvature tensor
+        and of the momentum buffers are checked first (nothing changes on a mismatch)."""
         state_dict = dict(state_dict)
         if "seng" not in state_dict:
             raise ValueError("state_dict has no 'seng' entry: it was not saved by SENG.state_dict()")
@@ -768,6 +877,12 @@ class SENG(torch.optim.Optimizer):
         unknown = set(extra["curvature"]) - set(self._by_name)
         if unknown:
             raise ValueError(f"state_dict has curvature for unknown layers {sorted(unknown)}")
+        for name, entry in extra["curvature"].items():
+            self._check_curvature(self._by_name[name], entry)
+        rng = extra["rng_state"]
+        if not isinstance(rng, Tensor) or rng.dtype != torch.uint8:
+            raise ValueError("state_dict['seng']['rng_state'] must be a uint8 tensor (a generator state)")
+        check_param_state(self, state_dict)
         super().load_state_dict(state_dict)
         self._step_count = int(extra["step"])
         self.epoch = extra["epoch"]
@@ -779,3 +894,6 @@ class SENG(torch.optim.Optimizer):
             self._curvature[name] = {
                 k: (v.to(dev) if isinstance(v, Tensor) else v) for k, v in entry.items()
             }
+
+
+_SENG_KEYS = signature_defaults(SENG.__init__)

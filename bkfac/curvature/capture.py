@@ -81,7 +81,7 @@ def supported_reason(module: nn.Module) -> str | None:
         if _conv_padding(module) is None:
             return "Conv2d with asymmetric 'same' padding is not supported"
         return None
-    return f"{type(module).__name__} has no Kronecker-factored form here"
+    return f"{type(module).__name__}: no Kronecker-factored form"
 
 
 @dataclass

@@ -151,7 +151,7 @@ def _check_lr_per_step(where: str, spec) -> None:
 def _validate_runs(profile: Profile) -> None:
     import torch.nn as nn
 
-    from ..optim.factory import make_optimizer
+    from ..optim.factory import check_hyper, make_optimizer, resolve_hyper
 
     for run, spec in profile.runs.items():
         if not isinstance(spec, dict) or "optimizer" not in spec:
@@ -168,6 +168,9 @@ def _validate_runs(profile: Profile) -> None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                # model-free: types, ranges, unused hyper-parameters, t_rsvd/t_corct multiples of
+                # t_brand and phi_crc in (0, 1] with the paper's defaults underneath
+                check_hyper(opt, resolve_hyper(opt, hyper))
                 o = make_optimizer(opt, tiny, **hyper)
             if hasattr(o, "remove_hooks"):
                 o.remove_hooks()

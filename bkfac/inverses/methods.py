@@ -168,7 +168,31 @@ class FactorInverse:
     def state_dict(self) -> dict:
         return {"factor": self.factor, "U": self.U, "d": self.d, "updates": self.updates, "epoch": self.epoch}
 
+    def check_state(self, state: dict, where: str = "factor state") -> None:
+        """Check a :meth:`state_dict` against this factor before loading it: its keys, the
+        shapes of ``factor`` (``dim x dim``), ``U`` (``dim x w``, ``w <= dim``) and ``d``
+        (``w``), floating tensors, integer counters. ``ValueError`` naming ``where`` otherwise."""
+        if not isinstance(state, dict):
+            raise ValueError(f"{where}: expected a dict, got {type(state).__name__}")
+        missing = [k for k in self.state_dict() if k not in state]
+        if missing:
+            raise ValueError(f"{where}: missing {', '.join(missing)} (saved by another method?)")
+        _check_tensor(where, "factor", state["factor"], (self.dim, self.dim))
+        U, d = state["U"], state["d"]
+        if (U is None) != (d is None):
+            raise ValueError(f"{where}: U and d must both be set or both be None")
+        if U is not None:
+            width = U.shape[-1] if isinstance(U, Tensor) and U.dim() == 2 else -1
+            if not 0 <= width <= self.dim:
+                raise ValueError(f"{where}: U has shape {_shape(U)}, expected ({self.dim}, w) with w <= {self.dim}")
+            _check_tensor(where, "U", U, (self.dim, width))
+            _check_tensor(where, "d", d, (width,))
+        for key in ("updates", "epoch"):
+            if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
+                raise ValueError(f"{where}: {key} must be a non-negative int, got {state[key]!r}")
+
     def load_state_dict(self, state: dict) -> None:
+        self.check_state(state)
         self.factor, self.U, self.d = state["factor"], state["U"], state["d"]
         self.updates, self.epoch = state["updates"], state["epoch"]
         self._inverse_cache = None
@@ -183,6 +207,20 @@ class FactorInverse:
 
 def _value(x, epoch: int):
     return x(epoch) if callable(x) else x
+
+
+def _shape(x) -> str:
+    return str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__
+
+
+def _check_tensor(where: str, name: str, x, shape: tuple) -> None:
+    """``x`` is ``None`` or a floating tensor of ``shape``."""
+    if x is None:
+        return
+    if not isinstance(x, Tensor) or not x.is_floating_point() or tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{where}: {name} has shape {_shape(x)}"
+                         f"{'' if not isinstance(x, Tensor) or x.is_floating_point() else f' ({x.dtype})'}, "
+                         f"expected a floating tensor of shape {tuple(shape)} (saved for another model?)")
 
 
 class _Recompute:
@@ -309,6 +347,12 @@ class CholeskyInverse(_Recompute, FactorInverse):
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "snapshot": self.snapshot, "lam_max": self.lam_max, "v": self._v}
+
+    def check_state(self, state: dict, where: str = "factor state") -> None:
+        super().check_state(state, where)
+        _check_tensor(where, "snapshot", state["snapshot"], (self.dim, self.dim))
+        _check_tensor(where, "lam_max", state["lam_max"], ())
+        _check_tensor(where, "v", state["v"], (self.dim,))
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)

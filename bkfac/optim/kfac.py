@@ -6,10 +6,19 @@ class              paper name                  factor-inverse method (per factor
 :class:`KFAC`      k-fac (Martens+Grosse)      ``eigh`` every T_inv
 :class:`RKFAC`     r-kfac (rs-kfac, Alg. 1)    ``rsvd`` every T_inv; ``eigh`` if d <= r + r_o
 :class:`SREKFAC`   sre-kfac                    ``srevd`` every T_inv; ``eigh`` if d <= r + r_o
-:class:`BKFAC`     b-kfac (Alg. 4)             B-updates where d > n_M + r; else as r-kfac
-:class:`BRKFAC`    b-r-kfac (Alg. 5)           B-updates + RSVD overwrite where d > n_M + r
-:class:`BKFACC`    b-kfac-c (Alg. 6-7)         B-updates + light correction where d > n_M + r
+:class:`BKFAC`     b-kfac (Alg. 4)             B-updates where ``policy`` says; else as r-kfac
+:class:`BRKFAC`    b-r-kfac (Alg. 5)           B-updates + RSVD overwrite where ``policy`` says
+:class:`BKFACC`    b-kfac-c (Alg. 6-7)         B-updates + light correction where ``policy`` says
 =================  ==========================  ==================================================
+
+The B-update ``policy`` of the b-variants (Sec. 3.5, 4.2 and 6): ``'mixed'`` (class default)
+B-updates every factor with ``d > n_M + r``; ``'first-fc'`` (the paper's, used by
+:func:`~bkfac.optim.factory.make_optimizer`'s paper defaults) the factors of the first
+``nn.Linear`` layer with ``d > r`` only; ``'all'`` every factor with ``d > r``. The other
+factors run r-kfac (``eigh`` where ``d <= r + r_o``). ``n_M`` is the number of columns of the
+layer's batch matrices (batch size times output positions per sample, times the number of
+processes). :meth:`KFACFamily.describe` says, before the first step and given a batch size,
+which method each factor will use and why.
 
 One step ``k`` (``optimizer.step()`` after ``loss.backward()``), phases timed by
 ``optimizer.timer`` (:class:`~bkfac.optim.timer.PhaseTimer`):
@@ -27,22 +36,32 @@ One step ``k`` (``optimizer.step()`` after ``loss.backward()``), phases timed by
    or KL clipping ``nu = min(1, sqrt(kl_clip / (lr^2 sum S . g)))``), weight decay
    added after preconditioning, optional momentum, the update ``p -= lr * d_p``.
    Parameters of unsupported layers (BatchNorm, ...) get the plain SGD step with the same
-   learning rate, weight decay and momentum.
+   learning rate, weight decay and momentum (one ``UserWarning`` per model lists them).
+
+Hyper-parameters are checked when the optimizer is built (:meth:`KFACFamily.check_hyper`):
+a bad type or value, a period that does not divide another (``t_rsvd``, ``t_corct`` must be
+multiples of ``t_brand``) or a hyper-parameter the method does not use raises ``ValueError``
+naming it. The K-factors are read with :meth:`KFACFamily.k_factors` (:class:`KFactor`).
 
 Usage::
 
     opt = bkfac.BKFAC(model, lr=0.1)
+    print(opt.describe_table(batch_size=256, input_shape=(3, 32, 32)))  # the plan, before any step
     for x, y in loader:
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
+    A = opt.k_factor("fc0", "A").dense()   # a K-factor as a dense matrix
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +71,7 @@ from torch import Tensor
 from .._checks import check_open_unit, check_positive_int
 from ..curvature import KFactorCapture, LayerCapture
 from ..inverses import (
+    INVERSE_METHODS,
     BrandCorrectedInverse,
     BrandInverse,
     BrandRSVDInverse,
@@ -66,7 +86,7 @@ from .comm import LocalComm
 from .schedules import EpochSchedule, as_schedule
 from .timer import PhaseTimer
 
-__all__ = ["KFACFamily", "KFAC", "RKFAC", "SREKFAC", "BKFAC", "BRKFAC", "BKFACC", "POLICIES"]
+__all__ = ["KFACFamily", "KFAC", "RKFAC", "SREKFAC", "BKFAC", "BRKFAC", "BKFACC", "KFactor", "POLICIES"]
 
 #: The B-update policies (module docstring): which factors of the b-variants take B-updates.
 POLICIES = ("mixed", "first-fc", "all")
@@ -86,6 +106,238 @@ def _max_value(x):
     return max(x.values()) if isinstance(x, EpochSchedule) else x
 
 
+# -- hyper-parameter checks (model-free; KFACFamily.check_hyper, the SGD and SENG classes) --------
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_number(name: str, v, *, low: float = 0.0, low_open: bool = False, high: float | None = None,
+                 high_open: bool = True) -> None:
+    """``v`` must be a finite real number in ``[low, high)`` (``low_open``/``high_open`` choose the
+    ends); ``ValueError`` naming ``name`` otherwise."""
+    if not _is_real(v):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if v < low or (low_open and v == low) or (high is not None and (v > high or (high_open and v == high))):
+        lo = f"({low}" if low_open else f"[{low}"
+        hi = "inf)" if high is None else (f"{high})" if high_open else f"{high}]")
+        raise ValueError(f"{name} must lie in {lo}, {hi}, got {v!r}")
+
+
+def check_int(name: str, v, low: int = 0) -> None:
+    """``v`` must be an ``int`` (not a bool) ``>= low``."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+
+
+def check_bool(name: str, v) -> None:
+    if not isinstance(v, bool):
+        raise ValueError(f"{name} must be True or False, got {v!r}")
+
+
+def check_choice(name: str, v, options: tuple) -> None:
+    if v not in options:
+        names = [repr(o) for o in options]
+        raise ValueError(f"{name} must be {', '.join(names[:-1])} or {names[-1]}, got {v!r}")
+
+
+def check_schedule(name: str, v, check) -> None:
+    """A number, or an epoch schedule (``{epoch: value}`` / :class:`EpochSchedule`) of numbers,
+    each passing ``check(name, value)``; any other callable of the epoch is taken as is."""
+    if isinstance(v, dict):
+        try:
+            v = EpochSchedule(v)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    if isinstance(v, EpochSchedule):
+        for x in v.values():
+            check(name, x)
+    elif not callable(v):
+        check(name, v)
+
+
+def check_lr_schedule(name: str, v) -> None:
+    if v is not None:
+        check_schedule(name, v, check_number)
+
+
+def _lr(name, v):
+    if not (_is_real(v) and v >= 0):
+        raise ValueError(f"{name} must be a non-negative number, got {v!r}")
+
+
+def _phi(name, v):
+    if not (_is_real(v) and v > 0):
+        raise ValueError(f"{name} must be positive (lambda = phi * lambda_max), got {v!r}")
+
+
+def _weight_decay(name, v):
+    if not (_is_real(v) and v >= 0):
+        raise ValueError(f"{name} must be non-negative, got {v!r}")
+
+
+def _clip_value(name, v):
+    if v is not None and not (_is_real(v) and v > 0):
+        raise ValueError(f"{name} must be positive (or None), got {v!r}")
+
+
+def _dtype(name, v):
+    if v is not None and not (isinstance(v, torch.dtype) and v.is_floating_point):
+        raise ValueError(f"{name} must be None or a floating-point torch.dtype, got {v!r}")
+
+
+def _params(name, v):
+    if v is not None and (isinstance(v, (str, bytes, Tensor)) or not hasattr(v, "__iter__")):
+        raise ValueError(f"{name} must be None or an iterable of parameters / parameter groups, got {type(v).__name__}")
+
+
+def _exclude(name, v):
+    if not (isinstance(v, (tuple, list)) and all(isinstance(t, type) for t in v)):
+        raise ValueError(f"{name} must be a tuple of module types, got {v!r}")
+
+
+_COMM_API = ("world_size", "all_reduce_gradients", "gather_columns", "is_owner", "sync_representations")
+
+
+def _comm(name, v):
+    if v is not None:
+        missing = [a for a in _COMM_API if not hasattr(v, a)]
+        if missing:
+            raise ValueError(f"{name} must provide {', '.join(_COMM_API)} (like bkfac.optim.comm.LocalComm); "
+                             f"{type(v).__name__} lacks {', '.join(missing)}")
+
+
+def _seed(name, v):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {v!r}")
+
+
+#: Checks of every keyword argument of the K-FAC family (model-free), by name.
+FAMILY_CHECKS = {
+    "lr": _lr,
+    "damping_phi": lambda n, v: check_schedule(n, v, _phi),
+    "rho": check_open_unit,
+    "t_updt": check_positive_int,
+    "t_inv": check_positive_int,
+    "rank": lambda n, v: check_schedule(n, v, check_positive_int),
+    "oversample": lambda n, v: check_schedule(n, v, check_int),
+    "power_iters": check_int,
+    "weight_decay": _weight_decay,
+    "momentum": lambda n, v: check_number(n, v, high=1.0),
+    "clip": _clip_value,
+    "clip_mode": lambda n, v: check_choice(n, v, ("rms", "kl", None)),
+    "fisher": lambda n, v: check_choice(n, v, ("empirical", "mc")),
+    "loss_reduction": lambda n, v: check_choice(n, v, ("mean", "sum")),
+    "spectrum_continuation": check_bool,
+    "linear_time": check_bool,
+    "policy": lambda n, v: check_choice(n, v, POLICIES),
+    "min_damping": lambda n, v: check_number(n, v, low_open=True),
+    "seed": _seed,
+    "factor_dtype": _dtype,
+    "lr_schedule": check_lr_schedule,
+    "params": _params,
+    "exclude": _exclude,
+    "timer": check_bool,
+    "sync_timer": check_bool,
+    "check_finite": check_bool,
+    "comm": _comm,
+    # the methods' own
+    "inverse": lambda n, v: check_choice(n, v, ("eigh", "cholesky")),
+    "t_brand": check_positive_int,
+    "t_rsvd": check_positive_int,
+    "t_corct": check_positive_int,
+    "phi_crc": lambda n, v: check_number(n, v, low_open=True, high=1.0, high_open=False),
+}
+
+
+def signature_defaults(*functions) -> dict:
+    """``{name: default}`` of the keyword-only parameters of ``functions`` (in order)."""
+    out = {}
+    for fn in functions:
+        for p in inspect.signature(fn).parameters.values():
+            if p.kind is p.KEYWORD_ONLY:
+                out[p.name] = p.default
+    return out
+
+
+# -- things shared with SGD and SENG ---------------------------------------------------------------
+
+_WARNED: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
+
+
+def warn_once_per_model(model: nn.Module, message: str, stacklevel: int = 2) -> None:
+    """``warnings.warn(message)`` the first time ``message`` is issued for ``model`` (an
+    optimizer built again on the same model says nothing new); ``warnings`` filters apply as
+    usual on top."""
+    seen = _WARNED.setdefault(model, set())
+    if message not in seen:
+        seen.add(message)
+        warnings.warn(message, UserWarning, stacklevel=stacklevel + 1)
+
+
+def nonfinite_gradient(model: nn.Module, param_groups: list, step: int, pending: list | None = None,
+                       who: str = "") -> None:
+    """Raise ``FloatingPointError`` naming the first parameter with a NaN/inf gradient (one host
+    sync for all gradients). With a ``pending`` list the check is appended as ``(ok, fail)`` to
+    be flushed later instead (:meth:`KFACFamily._flush`)."""
+    grads = [p.grad for g in param_groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        return
+    ok = torch.isfinite(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]).sum())
+
+    def fail() -> None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        for g in param_groups:
+            for p in g["params"]:
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                    raise FloatingPointError(
+                        f"{who}non-finite gradient in parameter '{names.get(id(p), '?')}' at step {step}: the loss "
+                        "or the backward pass produced NaN/inf (lower the learning rate?); no parameter was updated"
+                    )
+
+    if pending is not None:
+        pending.append((ok, fail))
+    elif not bool(ok):
+        fail()
+
+
+def check_param_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """Check a ``torch.optim`` state dict against ``optimizer`` before anything is loaded: the
+    parameter groups and their sizes, and the shape of every per-parameter state tensor
+    (momentum buffers) against its parameter. ``ValueError`` naming the parameter otherwise."""
+    groups = state_dict.get("param_groups")
+    if not isinstance(groups, list) or not isinstance(state_dict.get("state"), dict):
+        raise ValueError("state_dict needs 'state' and 'param_groups' entries (torch.optim format)")
+    mine = optimizer.param_groups
+    if len(groups) != len(mine):
+        raise ValueError(f"state_dict has {len(groups)} parameter groups, this optimizer {len(mine)}")
+    names = {id(p): n for n, p in getattr(optimizer, "model", nn.Module()).named_parameters()}
+    by_index = {}
+    for i, (saved, group) in enumerate(zip(groups, mine)):
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(f"parameter group {i} of the state_dict has {len(saved['params'])} parameters, "
+                             f"this optimizer's has {len(group['params'])}")
+        by_index.update(zip(saved["params"], group["params"]))
+    for index, entry in state_dict["state"].items():
+        p = by_index.get(index)
+        if p is None:
+            raise ValueError(f"state_dict has state for parameter index {index!r}, which no group lists")
+        for key, value in entry.items():
+            if isinstance(value, Tensor) and value.dim() > 0 and value.shape != p.shape:
+                raise ValueError(f"state_dict {key} of parameter '{names.get(id(p), index)}' has shape "
+                                 f"{tuple(value.shape)}, the parameter {tuple(p.shape)}: saved for another model")
+
+
+def _check_generator_state(where: str, state) -> None:
+    if not isinstance(state, Tensor) or state.dtype != torch.uint8:
+        raise ValueError(f"{where}: generator state must be a uint8 tensor, got {type(state).__name__}")
+    try:
+        torch.Generator().set_state(state)
+    except RuntimeError as exc:
+        raise ValueError(f"{where}: not a generator state ({exc})") from None
+
+
 @dataclass
 class _Layer:
     capture: LayerCapture
@@ -95,31 +347,108 @@ class _Layer:
     n_M: int | None = None
 
 
+@dataclass(frozen=True)
+class KFactor:
+    """One K-factor of one layer as the optimizer holds it (:meth:`KFACFamily.k_factors`).
+
+    ``factor`` is ``'A'`` (the layer's input side) or ``'G'`` (the output-gradient side,
+    Gamma). ``ea`` is the dense EA factor of eq. (5) where the method keeps one (``None``
+    for pure b-kfac factors, which never form a ``dim x dim`` matrix), updated every
+    ``t_updt`` steps. ``(U, d)`` is the representation the step inverts (``U`` with
+    orthonormal columns, ``d`` descending), refreshed on the method's own schedule;
+    ``None`` for ``KFAC(inverse='cholesky')``, which keeps a Cholesky factor instead.
+    The step applies the inverse of ``U diag(d) U^T + damping I + shift (I - U U^T)``:
+    ``damping = max(phi * lambda_max, min_damping)`` and ``shift = min(d)`` under spectrum
+    continuation (Sec. 3.5), else 0. Tensors are the optimizer's own: read, do not modify.
+    ``dense()`` gives a new dense matrix.
+    """
+
+    layer: str
+    factor: str
+    dim: int
+    method: str
+    ea: Tensor | None
+    U: Tensor | None
+    d: Tensor | None
+    damping: float
+    shift: float
+    n_M: int | None
+
+    def lowrank(self) -> Tensor:
+        """``U diag(d) U^T`` (dim x dim) of the representation."""
+        if self.U is None:
+            raise ValueError(f"factor {self.factor} of layer '{self.layer}' ({self.method}) has no (U, d) "
+                             "representation; use dense()")
+        return (self.U * self.d) @ self.U.mT
+
+    def dense(self) -> Tensor:
+        """The K-factor as a new dense matrix: the EA factor where the method keeps one, else
+        ``U diag(d) U^T`` of the representation."""
+        return self.ea.clone() if self.ea is not None else self.lowrank()
+
+    def damped(self) -> Tensor:
+        """The dense matrix whose inverse the step applies (docstring above)."""
+        if self.U is None:
+            raise ValueError(f"factor {self.factor} of layer '{self.layer}' ({self.method}) has no (U, d) "
+                             "representation")
+        M = self.lowrank() - self.shift * (self.U @ self.U.mT)
+        M.diagonal().add_(self.damping + self.shift)
+        return M
+
+
+def check_names(cls, hyper: dict) -> None:
+    """Every key of ``hyper`` must be a hyper-parameter optimizer class ``cls`` uses: else
+    ``ValueError`` naming the key and the method (and which methods do use it). Keys in
+    ``cls._accepted_unused`` only warn (module docstring of :mod:`bkfac.optim.factory`)."""
+    used = cls.hyper_parameters()
+    alg = cls.algorithm
+    for key in hyper:
+        if key in used:
+            continue
+        if key in cls._accepted_unused:
+            warnings.warn(f"{alg} does not use {key}: {cls._accepted_unused[key]}; it is ignored", UserWarning,
+                          stacklevel=4)
+            continue
+        if key in cls._unused:
+            raise ValueError(f"{alg} does not use {key}: {cls._unused[key]}")
+        from .factory import hyper_users
+
+        users = [n for n in hyper_users(key) if n != alg]
+        if users:
+            raise ValueError(f"{alg} does not use {key} (a hyper-parameter of {', '.join(users)})")
+        raise ValueError(f"{alg} got an unknown hyper-parameter {key!r}; its hyper-parameters are: "
+                         f"{', '.join(used)}")
+
+
 class KFACFamily(torch.optim.Optimizer):
     """Common machinery of the K-FAC family. Use one of the subclasses.
 
-    Keyword-only hyper-parameters (paper values in :data:`bkfac.optim.factory.PAPER_DEFAULTS`):
+    Keyword-only hyper-parameters (paper values in :data:`bkfac.optim.factory.PAPER_DEFAULTS`;
+    :meth:`hyper_parameters` lists those a method uses, with the class defaults):
 
     lr: learning rate (group ``lr``; ``torch.optim.lr_scheduler`` works on it), or use
-        ``lr_schedule`` (an :class:`EpochSchedule`/callable of the epoch, applied by
-        :meth:`set_epoch`).
+        ``lr_schedule`` (an :class:`EpochSchedule`, ``{epoch: lr}`` or callable of the epoch,
+        applied by :meth:`set_epoch`; it replaces ``lr``).
     damping_phi: ``phi`` of ``lambda = phi * lambda_max`` per factor (number or epoch schedule).
     rho: EA decay of eq. (5), in (0, 1).      t_updt: statistics period T_updt.
     t_inv: period of eigh/RSVD/SREVD recomputations (k-fac, r-kfac, and the r-kfac part of
         the b-variants).
     rank, oversample, power_iters: RSVD/SREVD target rank (also the b-kfac truncation rank),
         oversampling and power iterations; ``rank``/``oversample`` may be epoch schedules.
-    weight_decay, momentum: applied after preconditioning and clipping.
+        Not used by k-fac.
+    weight_decay, momentum: applied after preconditioning and clipping; momentum in [0, 1).
     clip: the paper's clip parameter (per-layer RMS of the step); ``clip_mode`` ``'rms'``
         (paper), ``'kl'`` (KL clipping, ``clip`` is then the KL bound), or ``None``.
     fisher: ``'empirical'`` (true labels, default) or ``'mc'`` (eq. 2; call
         ``optimizer.capture.sampled_fisher_backward(logits)`` before ``loss.backward()`` on
         steps where :meth:`wants_statistics` is true).
     loss_reduction: ``'mean'`` (default) or ``'sum'`` over the batch.
-    spectrum_continuation: Sec. 3.5 (default on).  linear_time: use Alg. 8 where exact.
-    policy: which factors take B-updates: ``'mixed'`` (default, ``d > n_M + r``), ``'first-fc'``
-        (the paper's: the first Linear layer only) or ``'all'`` (``d > r``, for studies); see the
-        module docstring.  min_damping: absolute floor of lambda.
+    spectrum_continuation: Sec. 3.5 (default on; not used by k-fac, where it is the identity).
+    linear_time: use Alg. 8 where exact (b-variants).
+    policy: which factors take B-updates (b-variants): ``'mixed'`` (default, ``d > n_M + r``),
+        ``'first-fc'`` (the paper's: the first Linear layer only) or ``'all'`` (``d > r``, for
+        studies); see the module docstring.
+    min_damping: absolute floor of lambda.
     seed: seed of the optimizer's generators (RSVD sketches, correction columns). Each factor
         has its own generator, seeded from ``(seed, layer index, 'A'|'G')``, so its sketches do
         not depend on the order in which, or the process on which, the factors are updated
@@ -131,9 +460,16 @@ class KFACFamily(torch.optim.Optimizer):
     check_finite: raise ``FloatingPointError`` naming the layer on a non-finite gradient.
     comm: a :class:`~bkfac.optim.comm.LocalComm`-like object (``bkfac.distributed`` provides
         the ``torch.distributed`` one); default: one process.
+
+    Every argument is checked before anything is built (:meth:`check_hyper`): a wrong type or
+    value, or a hyper-parameter the method does not use, raises ``ValueError`` naming it.
     """
 
     algorithm = "k-fac-family"
+    #: hyper-parameters of the family this method does not use: ``{name: why}`` (an error)
+    _unused: dict = {}
+    #: ... that it accepts with a warning (see :mod:`bkfac.optim.factory`)
+    _accepted_unused: dict = {}
 
     def __init__(
         self,
@@ -168,36 +504,15 @@ class KFACFamily(torch.optim.Optimizer):
         comm=None,
         **method_kw,
     ):
+        values = {k: v for k, v in locals().items() if k in _FAMILY_DEFAULTS}
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        type(self)._check_values({**values, **method_kw})
         lr_schedule = as_schedule(lr_schedule)
         lr0 = _value(lr_schedule, 1) if lr_schedule is not None else lr
-        if not (isinstance(lr0, (int, float)) and lr0 >= 0):
-            raise ValueError(f"lr must be a non-negative number, got {lr0!r}")
+        _lr("lr" if lr_schedule is None else "lr_schedule(1)", lr0)
         damping_phi = as_schedule(damping_phi)
-        for phi in (damping_phi.values() if isinstance(damping_phi, EpochSchedule) else [damping_phi]):
-            if not (isinstance(phi, (int, float)) and phi > 0):
-                raise ValueError(f"damping_phi must be positive (lambda = phi * lambda_max), got {phi!r}")
-        check_open_unit("rho", rho)
-        check_positive_int("t_updt", t_updt)
-        check_positive_int("t_inv", t_inv)
         rank, oversample = as_schedule(rank), as_schedule(oversample)
-        for r in (rank.values() if isinstance(rank, EpochSchedule) else [rank]):
-            check_positive_int("rank", r)
-        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
-            raise ValueError(f"weight_decay must be non-negative, got {weight_decay!r}")
-        if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
-            raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
-        if clip_mode not in ("rms", "kl", None):
-            raise ValueError(f"clip_mode must be 'rms', 'kl' or None, got {clip_mode!r}")
-        if clip_mode is not None and not (isinstance(clip, (int, float)) and clip > 0):
-            raise ValueError(f"clip must be positive when clip_mode={clip_mode!r}, got {clip!r}")
-        if fisher not in ("empirical", "mc"):
-            raise ValueError(f"fisher must be 'empirical' or 'mc', got {fisher!r}")
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(map(repr, POLICIES))}, got {policy!r}")
-        if not min_damping > 0:
-            raise ValueError(f"min_damping must be positive, got {min_damping!r}")
 
         defaults = dict(lr=lr0, weight_decay=weight_decay, momentum=momentum)
         super().__init__(params if params is not None else [p for p in model.parameters() if p.requires_grad], defaults)
@@ -216,14 +531,14 @@ class KFACFamily(torch.optim.Optimizer):
         self.check_finite = check_finite
         self.comm = comm if comm is not None else LocalComm()
         self.method_kw = method_kw
-        self._validate_method_kw()
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
         self.seed = seed
         self.capture = KFactorCapture(model, reduction=loss_reduction, skip=tuple(exclude))
         if self.capture.unsupported:
             names = ", ".join(f"{k} ({v})" for k, v in self.capture.unsupported.items())
-            warnings.warn(f"{type(self).__name__}: plain SGD step for parameters of: {names}", stacklevel=2)
+            warn_once_per_model(model, f"K-FAC optimizers (bkfac): plain SGD step for parameters of: {names}",
+                                stacklevel=3)
         self.layers = [_Layer(lc) for lc in self.capture.layers]
         self._kfac_params = {id(p) for L in self.layers for p in L.capture.params}
         group_of = {}
@@ -243,47 +558,74 @@ class KFACFamily(torch.optim.Optimizer):
         if bind is not None:  # e.g. the torch.distributed comm checks hyper-parameters across ranks
             bind(self)
 
-    # -- method policy (Sec. 3.5) ----------------------------------------------------------------
-    def _validate_method_kw(self) -> None:
-        for key in self.method_kw:
-            if key not in self._method_keys():
-                raise ValueError(f"{type(self).__name__} got an unknown hyper-parameter {key!r}")
-        for key, value in self.method_kw.items():
-            if key.startswith("t_"):
-                check_positive_int(key, value)
+    # -- hyper-parameters --------------------------------------------------------------------------
+    @classmethod
+    def hyper_parameters(cls) -> dict:
+        """``{name: class default}`` of every keyword argument this method uses."""
+        out = signature_defaults(KFACFamily.__init__, cls.__init__)
+        for key in (*cls._unused, *cls._accepted_unused):
+            out.pop(key, None)
+        return out
 
     @classmethod
-    def _method_keys(cls) -> tuple:
-        return ()
+    def check_hyper(cls, hyper: dict) -> None:
+        """Check keyword arguments ``hyper`` without a model: each must be one this method uses,
+        of the right type and range; ``t_rsvd``/``t_corct`` must be multiples of ``t_brand``
+        (the class default where ``hyper`` does not set it). ``ValueError`` naming the argument
+        (and the method, for one it does not use)."""
+        check_names(cls, hyper)
+        cls._check_values(hyper)
 
+    @classmethod
+    def _check_values(cls, hyper: dict) -> None:
+        for key, value in hyper.items():
+            check = FAMILY_CHECKS.get(key)
+            if check is not None:
+                check(key, value)
+        full = {**cls.hyper_parameters(), **hyper}
+        if full.get("clip_mode") is not None and not (_is_real(full.get("clip")) and full["clip"] > 0):
+            raise ValueError(f"clip must be positive when clip_mode={full['clip_mode']!r}, got {full.get('clip')!r}")
+        for key in ("t_rsvd", "t_corct"):
+            if key in full and "t_brand" in full and full[key] % full["t_brand"]:
+                raise ValueError(f"{key}={full[key]} must be a multiple of t_brand={full['t_brand']}")
+
+    def _check_given(self, given: dict) -> None:
+        """For the subclasses' ``__init__``: the keyword arguments the caller passed."""
+        check_names(type(self), given)
+
+    # -- method policy (Sec. 3.5) ----------------------------------------------------------------
     def _lowrank_class(self):
         return RSVDInverse
 
     def _brand_class(self):
         return None
 
-    def _brand_eligible(self, dim: int, n_M: int, first_fc: bool) -> bool:
-        """Whether ``policy`` puts a factor of dimension ``dim`` on the B-update path (module
-        docstring): ``'mixed'`` where ``d > n_M + r``, ``'first-fc'`` for the first Linear
-        layer's factors with ``d > r``, ``'all'`` where ``d > r``."""
-        r = _max_value(self.rank)
-        if self.policy == "mixed":
-            return dim > n_M + r
-        if self.policy == "first-fc":
-            return first_fc and dim > r
-        return dim > r
-
-    def _choose(self, dim: int, n_M: int, first_fc: bool = False) -> type[FactorInverse]:
-        """B-updates where the policy says (:meth:`_brand_eligible`); RSVD/SREVD where
-        ``d > r + r_o``; exact ``eigh`` for factors too small for a low-rank form."""
+    def _plan(self, dim: int, n_M: int | None, first_fc: bool = False) -> tuple[type[FactorInverse] | None, str]:
+        """``(method class, why)`` of a factor of dimension ``dim`` with ``n_M`` batch columns:
+        B-updates where the ``policy`` says (module docstring), RSVD/SREVD where
+        ``d > r + r_o``, exact ``eigh`` for factors too small for a low-rank form. The class is
+        ``None`` only where the choice needs ``n_M`` and it is not known (``'mixed'``)."""
         r, ro = _max_value(self.rank), _max_value(self.oversample)
         brand = self._brand_class()
-        if brand is not None and self._brand_eligible(dim, n_M, first_fc):
-            return brand
+        if brand is not None and dim > r:
+            if self.policy == "mixed":
+                if n_M is None:
+                    return None, "d > n_M + r? (needs the batch size)"
+                if dim > n_M + r:
+                    return brand, "d > n_M + r"
+            elif self.policy == "first-fc":
+                if first_fc:
+                    return brand, "first FC, d > r"
+            else:
+                return brand, "d > r"
         low = self._lowrank_class()
         if low is not None and dim > r + ro:
-            return low
-        return EighInverse
+            if brand is not None and self.policy == "mixed":
+                return low, "d <= n_M + r, d > r + r_o"
+            if brand is not None and self.policy == "first-fc":
+                return low, "not first FC, d > r + r_o"
+            return low, "d > r + r_o"
+        return EighInverse, "d <= r + r_o"
 
     def _factor_generator(self, index: int, fac: str) -> torch.Generator:
         """The generator of factor ``fac`` of the ``index``-th layer (model order), seeded from
@@ -321,38 +663,182 @@ class KFACFamily(torch.optim.Optimizer):
             local = round(lc_positions(lc) * lc.grad_outputs.shape[0])
             n_M = local * self.comm.world_size  # the global batch's columns (Sec. 3.5 policy)
             L.n_M = n_M
-            L.inv_A = self._make_inverse(self._choose(lc.d_A, n_M, i == first_fc), lc.d_A, i, "A")
-            L.inv_G = self._make_inverse(self._choose(lc.d_G, n_M, i == first_fc), lc.d_G, i, "G")
+            L.inv_A = self._make_inverse(self._plan(lc.d_A, n_M, i == first_fc)[0], lc.d_A, i, "A")
+            L.inv_G = self._make_inverse(self._plan(lc.d_G, n_M, i == first_fc)[0], lc.d_G, i, "G")
             L.linear_time = self.linear_time and isinstance(L.inv_A, BrandInverse)
         self._initialized = True
 
-    def describe(self) -> list[dict]:
-        """Per factor: layer, factor, dimension, n_M, chosen method, rank, state bytes."""
+    # -- what each factor uses, before or after the first step ---------------------------------------
+    def _positions(self, input_shape) -> list[float]:
+        """Output positions per sample ``T`` of every layer, from one forward of a zero sample of
+        ``input_shape`` in eval mode without gradients (nothing of the model changes)."""
+        shape = tuple(input_shape)
+        if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
+            raise ValueError(f"input_shape must be the shape of one sample (positive ints), got {input_shape!r}")
+        p = next((q for q in self.model.parameters() if q.is_floating_point()), None)
+        x = torch.zeros((1, *shape), dtype=p.dtype if p is not None else torch.float32,
+                        device=p.device if p is not None else None)
+        found: dict[int, float] = {}
+
+        def hook(i, d_G):
+            return lambda module, inputs, out: found.__setitem__(i, out.numel() / (out.shape[0] * d_G))
+
+        handles = [L.capture.module.register_forward_hook(hook(i, L.capture.d_G)) for i, L in enumerate(self.layers)]
+        modes = [(m, m.training) for m in self.model.modules()]
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                self.model(x)
+        except Exception as exc:  # noqa: BLE001 - a wrong input_shape shows as any error of the forward
+            raise ValueError(f"input_shape={shape}: the model's forward on a zero sample of that shape failed "
+                             f"({type(exc).__name__}: {exc})") from None
+        finally:
+            for m, mode in modes:
+                m.training = mode
+            for h in handles:
+                h.remove()
+        missing = [L.capture.name for i, L in enumerate(self.layers) if i not in found]
+        if missing:
+            raise ValueError(f"layers {missing} were not called by the model's forward")
+        return [found[i] for i in range(len(self.layers))]
+
+    def _planned_n_M(self, batch_size: int, input_shape) -> list[int]:
+        check_positive_int("batch_size", batch_size)
+        if input_shape is not None:
+            positions = self._positions(input_shape)
+        elif all(L.capture.kind == "linear" for L in self.layers):
+            positions = [1.0] * len(self.layers)  # Linear layers on (batch, features) inputs
+        else:
+            raise ValueError("describe(batch_size=...) needs input_shape, the shape of one input sample "
+                             "(e.g. (3, 32, 32)): n_M of a Conv2d layer is the batch size times its output positions")
+        return [round(T * batch_size) * self.comm.world_size for T in positions]
+
+    def _width(self, cls, dim: int, n_M: int | None) -> int | None:
+        """Columns of the representation the step applies: ``d`` (eigh), ``r`` (RSVD/SREVD),
+        the working width ``r + n_M`` (B-updates; truncated to ``r`` before the next one)."""
+        r = _value(self.rank, self.epoch)
+        if cls is None:
+            return None
+        if issubclass(cls, BrandInverse):
+            return None if n_M is None else min(dim, r + n_M)
+        if issubclass(cls, RSVDInverse):
+            return min(r, dim)
+        return dim
+
+    def describe(self, batch_size: int | None = None, *, input_shape=None) -> list[dict]:
+        """One row per K-factor, then one per unsupported layer (plain SGD step).
+
+        Keys: ``layer``, ``kind``, ``factor``, ``dim``, ``n_M`` (batch columns), ``method`` (the
+        :class:`~bkfac.inverses.FactorInverse` method), ``why`` (the rule that chose it: the
+        module docstring's policy), ``rank`` (r at the current epoch; ``None`` for full-rank
+        methods), ``width`` (columns of the representation the step applies: ``r + n_M`` for
+        B-updates), ``alg8`` (the step uses Algorithm 8), ``state_bytes`` (memory of the
+        factor's state, 0 before it exists) and ``planned`` (``True``: not built yet).
+
+        Before the first step the methods are planned with the rule the first step applies:
+        ``batch_size`` (per process) gives ``n_M``, with ``input_shape`` (one sample's shape,
+        e.g. ``(3, 32, 32)``) for the output positions of convolutions (a forward of a zero
+        sample in eval mode; Linear-only models without it: 2-D inputs). Without
+        ``batch_size`` the methods whose choice depends on ``n_M`` (``policy='mixed'``) are
+        ``None``. After the first step the rows describe the factors as built.
+        """
+        planned_n_M = None
+        if batch_size is not None and any(L.inv_A is None for L in self.layers):
+            planned_n_M = self._planned_n_M(batch_size, input_shape)
+        first_fc = self._first_fc_index()
         rows = []
-        for L in self.layers:
-            for fac, inv, dim in (("A", L.inv_A, L.capture.d_A), ("G", L.inv_G, L.capture.d_G)):
+        for i, L in enumerate(self.layers):
+            lc = L.capture
+            built = L.inv_A is not None
+            n_M = L.n_M if built else (planned_n_M[i] if planned_n_M is not None else None)
+            for fac, inv, dim in (("A", L.inv_A, lc.d_A), ("G", L.inv_G, lc.d_G)):
+                cls, why = self._plan(dim, n_M, i == first_fc)
+                if inv is not None:
+                    cls = type(inv)
+                brand = cls is not None and issubclass(cls, BrandInverse)
                 rows.append(dict(
-                    layer=L.capture.name, kind=L.capture.kind, factor=fac, dim=dim, n_M=L.n_M,
-                    method=inv.method if inv is not None else "(not initialised: no step yet)",
-                    rank=getattr(inv, "rank", dim) if inv is not None else None,
-                    alg8=L.linear_time and fac == "A",
+                    layer=lc.name, kind=lc.kind, factor=fac, dim=dim, n_M=n_M,
+                    method=None if cls is None else cls.method, why=why,
+                    rank=_value(self.rank, self.epoch) if cls is not None and issubclass(cls, (RSVDInverse, BrandInverse))
+                    else None,
+                    width=self._width(cls, dim, n_M),
+                    alg8=(L.linear_time if built else self.linear_time and brand) and fac == "A",
                     state_bytes=inv.state_bytes() if inv is not None else 0,
+                    planned=inv is None,
                 ))
         for name, why in self.capture.unsupported.items():
-            rows.append(dict(layer=name, kind="unsupported", factor="-", dim=None, n_M=None,
-                             method=f"SGD ({why})", rank=None, alg8=False, state_bytes=0))
+            rows.append(dict(layer=name, kind="unsupported", factor="-", dim=None, n_M=None, method="SGD",
+                             why=why, rank=None, width=None, alg8=False, state_bytes=0, planned=False))
         return rows
 
-    def describe_table(self) -> str:
-        rows = self.describe()
-        head = f"{'layer':<24}{'factor':>7}{'dim':>8}{'n_M':>8}  {'method':<18}{'rank':>6}{'alg8':>6}{'MiB':>9}"
-        lines = [head, "-" * len(head)]
-        for r in rows:
-            lines.append(
-                f"{r['layer']:<24}{r['factor']:>7}{str(r['dim']):>8}{str(r['n_M']):>8}  {r['method']:<18}"
-                f"{str(r['rank']):>6}{'yes' if r['alg8'] else '':>6}{r['state_bytes'] / 2**20:>9.2f}"
-            )
-        return "\n".join(lines)
+    def describe_table(self, batch_size: int | None = None, *, input_shape=None) -> str:
+        """:meth:`describe` as an aligned text table, under a line naming the method, policy,
+        rank and batch (columns: ``d`` dimension, ``n_M`` batch columns, ``r`` rank, ``width``
+        of the representation the step applies, ``Alg. 8``, ``MiB`` of state)."""
+        rows = self.describe(batch_size, input_shape=input_shape)
+        planned = any(r["planned"] for r in rows)
+        head = [self.algorithm]
+        if self._brand_class() is not None:
+            head.append(f"policy {self.policy}")
+        if self._lowrank_class() is not None or self._brand_class() is not None:
+            head.append(f"r = {_value(self.rank, self.epoch)} (epoch {self.epoch})")
+        if planned:
+            head.append("planned before the first step" + (f" for batch size {batch_size}" if batch_size else ""))
+        cols = [("layer", "<"), ("factor", "^"), ("d", ">"), ("n_M", ">"), ("method", "<"), ("why", "<"),
+                ("r", ">"), ("width", ">"), ("Alg. 8", "^"), ("MiB", ">")]
+
+        def cells(r):
+            blank = lambda v: "" if v is None else str(v)  # noqa: E731
+            mib = "" if r["planned"] or r["kind"] == "unsupported" else f"{r['state_bytes'] / 2**20:.2f}"
+            method = "?" if r["method"] is None else r["method"]
+            return [r["layer"], r["factor"], blank(r["dim"]), blank(r["n_M"]), method, r["why"], blank(r["rank"]),
+                    blank(r["width"]), "yes" if r["alg8"] else "", mib]
+
+        body = [cells(r) for r in rows]
+        widths = [max(len(c[0]), *(len(b[j]) for b in body)) for j, c in enumerate(cols)]
+        fmt = lambda vals: "  ".join(f"{v:{a}{w}}" for v, (_, a), w in zip(vals, cols, widths)).rstrip()  # noqa: E731
+        header = fmt([c[0] for c in cols])
+        return "\n".join([", ".join(head), header, "-" * len(header), *(fmt(b) for b in body)])
+
+    # -- the K-factors -----------------------------------------------------------------------------
+    def k_factors(self) -> dict[tuple[str, str], KFactor]:
+        """Every K-factor, ``{(layer name, 'A' | 'G'): KFactor}`` in model order (see
+        :class:`KFactor`: the dense EA factor where kept, the representation ``(U, d)``, the
+        damping and continuation shift the step uses, ``dense()`` on request). The factors
+        exist from the first ``step()`` on (:meth:`describe` plans them before); a layer
+        without a gradient at that step has none yet. In data-parallel runs ``ea`` is kept by
+        the factor's owner rank only (``None`` elsewhere); the representation is on every rank."""
+        if not self._initialized:
+            raise RuntimeError("no K-factors yet: they are built by the first step() "
+                               "(describe(batch_size=...) says what each will use)")
+        return {(L.capture.name, fac): self._k_factor(L, fac, inv)
+                for L in self.layers for fac, inv in (("A", L.inv_A), ("G", L.inv_G)) if inv is not None}
+
+    def k_factor(self, layer: str, factor: str) -> KFactor:
+        """The K-factor ``factor`` (``'A'`` or ``'G'``) of layer ``layer`` (its name in
+        ``model.named_modules()``); see :meth:`k_factors`."""
+        check_choice("factor", factor, ("A", "G"))
+        facs = self.k_factors()
+        if (layer, factor) not in facs:
+            known = sorted({name for name, _ in facs})
+            raise ValueError(f"no K-factor {factor} for layer {layer!r}; layers with K-factors: {', '.join(known)}")
+        return facs[(layer, factor)]
+
+    def _damping(self, d: Tensor):
+        phi = _value(self.damping_phi, self.epoch)
+        return torch.clamp(d[0] * phi, min=self.min_damping) if d.numel() else torch.tensor(self.min_damping)
+
+    def _k_factor(self, L: _Layer, fac: str, inv: FactorInverse) -> KFactor:
+        U, d = inv.U, inv.d
+        damping = shift = None
+        if U is not None:
+            damping = float(self._damping(d))
+            shift = float(d.min()) if self.continuation and d.numel() else 0.0
+        elif isinstance(inv, CholeskyInverse) and inv.lam_max is not None:
+            damping = max(float(inv.lam_max) * _value(self.damping_phi, self.epoch), self.min_damping)
+            shift = 0.0
+        return KFactor(layer=L.capture.name, factor=fac, dim=inv.dim, method=inv.method, ea=inv.factor, U=U, d=d,
+                       damping=damping, shift=shift, n_M=L.n_M)
 
     # -- epochs, statistics schedule -----------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -379,8 +865,7 @@ class KFACFamily(torch.optim.Optimizer):
     # -- the step ---------------------------------------------------------------------------------
     def _damped(self, inv: FactorInverse):
         U, d = inv.representation()
-        phi = _value(self.damping_phi, self.epoch)
-        lam = torch.clamp(d[0] * phi, min=self.min_damping) if d.numel() else torch.tensor(self.min_damping)
+        lam = self._damping(d)
         if self.continuation:
             d, lam = spectrum_continuation(d, lam, check=False)
         return U, d, lam
@@ -422,24 +907,7 @@ class KFACFamily(torch.optim.Optimizer):
                     fail()
 
     def _check_grads(self, pending: list | None = None) -> None:
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return
-        total = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]).sum()
-        if pending is not None:
-            pending.append((torch.isfinite(total), self._raise_grads))
-        elif not bool(torch.isfinite(total)):
-            self._raise_grads()
-
-    def _raise_grads(self) -> None:
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                    raise FloatingPointError(
-                        f"non-finite gradient in parameter '{names.get(id(p), '?')}' at step {self.steps}: "
-                        "the loss or the backward pass produced NaN/inf (lower the learning rate?)"
-                    )
+        nonfinite_gradient(self.model, self.param_groups, self.steps, pending)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -609,35 +1077,76 @@ class KFACFamily(torch.optim.Optimizer):
         }
         return sd
 
+
+    def _methods(self) -> set[str]:
+        """The factor-inverse methods this optimizer may run."""
+        out = {EighInverse.method}
+        for cls in (self._lowrank_class(), self._brand_class()):
+            if cls is not None:
+                out.add(cls.method)
+        return out
+
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load a :meth:`state_dict`. Everything is checked before anything changes (all or
+        nothing): the algorithm, the layers, each factor's method (the one this optimizer runs
+        there, :meth:`describe`), the shapes of every tensor against this model's layers, the
+        parameter groups and momentum buffers. ``ValueError`` naming what does not fit."""
         state_dict = dict(state_dict)
         kfac = state_dict.pop("kfac", None)
-        if kfac is None:
+        if not isinstance(kfac, dict):
             raise ValueError("state_dict has no 'kfac' entry: it was not saved by a bkfac K-FAC optimizer")
-        if kfac["algorithm"] != self.algorithm:
-            raise ValueError(f"state_dict is from {kfac['algorithm']!r}, this optimizer is {self.algorithm!r}")
-        super().load_state_dict(state_dict)
-        self.steps, self.epoch = kfac["steps"], kfac["epoch"]
-        self.generator.set_state(kfac["generator"])
-        by_name = {L.capture.name: L for L in self.layers}
-        index_of = {L.capture.name: i for i, L in enumerate(self.layers)}
-        missing = set(by_name) ^ set(kfac["layers"])
+        if kfac.get("algorithm") != self.algorithm:
+            raise ValueError(f"state_dict is from {kfac.get('algorithm')!r}, this optimizer is {self.algorithm!r}")
+        for key, kind in (("steps", int), ("epoch", int), ("initialized", bool), ("layers", dict)):
+            if not isinstance(kfac.get(key), kind):
+                raise ValueError(f"state_dict['kfac'][{key!r}] must be {kind.__name__}, got {kfac.get(key)!r}")
+        _check_generator_state("state_dict['kfac']['generator']", kfac.get("generator"))
+        names = [L.capture.name for L in self.layers]
+        missing = set(names) ^ set(kfac["layers"])
         if missing:
             raise ValueError(f"state_dict layers do not match the model: {sorted(missing)}")
-        from ..inverses import INVERSE_METHODS
-
-        for name, st in kfac["layers"].items():
-            L = by_name[name]
-            L.n_M = st["n_M"]
+        check_param_state(self, state_dict)
+        first_fc = self._first_fc_index()
+        methods = self._methods()
+        built = []
+        for i, L in enumerate(self.layers):
+            st = kfac["layers"][L.capture.name]
+            n_M = st.get("n_M")
+            if n_M is not None and (isinstance(n_M, bool) or not isinstance(n_M, int) or n_M < 1):
+                raise ValueError(f"state_dict layer '{L.capture.name}': n_M must be a positive int, got {n_M!r}")
+            invs = {}
             for fac in ("A", "G"):
-                if st[fac] is None:
+                where = f"state_dict layer '{L.capture.name}' factor {fac}"
+                if st.get(fac) is None:
+                    invs[fac] = None
                     continue
                 method, inv_state = st[fac]
                 dim = L.capture.d_A if fac == "A" else L.capture.d_G
-                inv = self._make_inverse(INVERSE_METHODS[method], dim, index_of[name], fac)
+                expected = self._plan(dim, n_M, i == first_fc)[0] if n_M is not None else None
+                if method not in methods or (expected is not None and method != expected.method):
+                    runs = expected.method if expected is not None else " or ".join(sorted(methods))
+                    raise ValueError(f"{where}: saved with method {method!r}, this {self.algorithm} runs {runs!r} "
+                                     "there (another algorithm, policy or rank)")
+                inv = self._make_inverse(INVERSE_METHODS[method], dim, i, fac)
+                inv.check_state(inv_state, where)
+                gen = st.get("generators", {}).get(fac)
+                if gen is not None:
+                    _check_generator_state(where, gen)
+                invs[fac] = (inv, inv_state, gen)
+            built.append((L, n_M, invs))
+        # nothing has changed so far; from here on nothing can fail
+        super().load_state_dict(state_dict)
+        self.steps, self.epoch = kfac["steps"], kfac["epoch"]
+        self.generator.set_state(kfac["generator"])
+        for L, n_M, invs in built:
+            L.n_M = n_M
+            for fac, entry in invs.items():
+                if entry is None:
+                    continue
+                inv, inv_state, gen = entry
                 inv.load_state_dict(inv_state)
-                if fac in st.get("generators", {}):
-                    inv.generator.set_state(st["generators"][fac])
+                if gen is not None:
+                    inv.generator.set_state(gen)
                 setattr(L, f"inv_{fac}", inv)
             L.linear_time = self.linear_time and isinstance(L.inv_A, BrandInverse)
         self._initialized = kfac["initialized"]
@@ -645,6 +1154,14 @@ class KFACFamily(torch.optim.Optimizer):
             for inv in (L.inv_A, L.inv_G):
                 if inv is not None:
                     inv.epoch = self.epoch
+
+
+_FAMILY_DEFAULTS = signature_defaults(KFACFamily.__init__)
+
+_NO_BRAND = {
+    "policy": "the B-update policy is the b-variants' (b-kfac, b-r-kfac, b-kfac-c)",
+    "linear_time": "Algorithm 8 applies to B-updated factors (b-kfac, b-r-kfac, b-kfac-c)",
+}
 
 
 class KFAC(KFACFamily):
@@ -656,17 +1173,18 @@ class KFAC(KFACFamily):
     (:class:`~bkfac.inverses.CholeskyInverse`): the same damped inverse up to the power
     iteration's tolerance, at a fraction of ``eigh``'s cost -- what other K-FAC
     implementations do. ``"eigh"`` (default) is the paper's and keeps the spectrum.
+
+    k-fac does not use ``spectrum_continuation``, ``policy`` or ``linear_time`` (an error);
+    ``rank``, ``oversample`` and ``power_iters`` are accepted with a ``UserWarning`` and ignored.
     """
 
     algorithm = "k-fac"
-
-    @classmethod
-    def _method_keys(cls):
-        return ("inverse",)
+    _unused = {**_NO_BRAND, "spectrum_continuation": "it is the identity on k-fac's full-rank representations"}
+    _accepted_unused = {key: "k-fac keeps full-rank representations (it is a setting of r-kfac, sre-kfac and "
+                             "the b-variants)" for key in ("rank", "oversample", "power_iters")}
 
     def __init__(self, model, *, inverse: str = "eigh", **kw):
-        if inverse not in ("eigh", "cholesky"):
-            raise ValueError(f"inverse must be 'eigh' or 'cholesky', got {inverse!r}")
+        self._check_given(dict(inverse=inverse, **kw))
         super().__init__(model, inverse=inverse, **kw)
         if inverse == "cholesky" and self.comm.world_size > 1:
             raise ValueError("KFAC(inverse='cholesky') runs in one process only; use inverse='eigh' "
@@ -675,20 +1193,35 @@ class KFAC(KFACFamily):
     def _lowrank_class(self):
         return None
 
-    def _choose(self, dim: int, n_M: int, first_fc: bool = False) -> type[FactorInverse]:
-        return CholeskyInverse if self.method_kw["inverse"] == "cholesky" else EighInverse
+    def _plan(self, dim: int, n_M: int | None, first_fc: bool = False):
+        if self.method_kw["inverse"] == "cholesky":
+            return CholeskyInverse, "k-fac, inverse='cholesky'"
+        return EighInverse, "k-fac"
+
+    def _methods(self) -> set[str]:
+        return {self._plan(1, None)[0].method}
 
 
 class RKFAC(KFACFamily):
     """r-kfac (rs-kfac of Puiu 2022a, Algorithm 1): RSVD of each EA factor every ``t_inv`` steps."""
 
     algorithm = "r-kfac"
+    _unused = _NO_BRAND
+
+    def __init__(self, model, **kw):
+        self._check_given(kw)
+        super().__init__(model, **kw)
 
 
 class SREKFAC(KFACFamily):
     """sre-kfac (Puiu 2022a): symmetric randomized EVD of each EA factor every ``t_inv`` steps."""
 
     algorithm = "sre-kfac"
+    _unused = _NO_BRAND
+
+    def __init__(self, model, **kw):
+        self._check_given(kw)
+        super().__init__(model, **kw)
 
     def _lowrank_class(self):
         return SREVDInverse
@@ -697,16 +1230,13 @@ class SREKFAC(KFACFamily):
 class BKFAC(KFACFamily):
     """b-kfac (Algorithm 4): truncate + symmetric Brand update every ``t_brand`` steps for the
     factors the ``policy`` names (module docstring; the paper's is ``'first-fc'``); r-kfac for
-    the others. Pure
-    b-kfac factors never form a ``d x d`` matrix (low-memory, Sec. 3.5). Alg. 8 for the step."""
+    the others. Pure b-kfac factors never form a ``d x d`` matrix (low-memory, Sec. 3.5).
+    Alg. 8 for the step."""
 
     algorithm = "b-kfac"
 
-    @classmethod
-    def _method_keys(cls):
-        return ("t_brand",)
-
     def __init__(self, model, *, t_brand: int = 1, **kw):
+        self._check_given(dict(t_brand=t_brand, **kw))
         super().__init__(model, t_brand=t_brand, **kw)
 
     def _brand_class(self):
@@ -714,15 +1244,13 @@ class BKFAC(KFACFamily):
 
 
 class BRKFAC(BKFAC):
-    """b-r-kfac (Algorithm 5): b-kfac plus an RSVD overwrite every ``t_rsvd`` steps."""
+    """b-r-kfac (Algorithm 5): b-kfac plus an RSVD overwrite every ``t_rsvd`` steps
+    (a multiple of ``t_brand``)."""
 
     algorithm = "b-r-kfac"
 
-    @classmethod
-    def _method_keys(cls):
-        return ("t_brand", "t_rsvd")
-
     def __init__(self, model, *, t_brand: int = 1, t_rsvd: int = 1, **kw):
+        self._check_given(dict(t_brand=t_brand, t_rsvd=t_rsvd, **kw))
         KFACFamily.__init__(self, model, t_brand=t_brand, t_rsvd=t_rsvd, **kw)
 
     def _brand_class(self):
@@ -731,15 +1259,12 @@ class BRKFAC(BKFAC):
 
 class BKFACC(BKFAC):
     """b-kfac-c (Algorithm 7): b-kfac plus the light correction (Alg. 6) every ``t_corct`` steps
-    on ``phi_crc * r`` randomly chosen modes."""
+    (a multiple of ``t_brand``) on ``phi_crc * r`` randomly chosen modes, ``phi_crc`` in (0, 1]."""
 
     algorithm = "b-kfac-c"
 
-    @classmethod
-    def _method_keys(cls):
-        return ("t_brand", "t_corct", "phi_crc")
-
     def __init__(self, model, *, t_brand: int = 1, t_corct: int = 1, phi_crc: float = 0.5, **kw):
+        self._check_given(dict(t_brand=t_brand, t_corct=t_corct, phi_crc=phi_crc, **kw))
         KFACFamily.__init__(self, model, t_brand=t_brand, t_corct=t_corct, phi_crc=phi_crc, **kw)
 
     def _brand_class(self):
