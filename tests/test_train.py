@@ -15,7 +15,7 @@ import bkfac.experiments.train as train_mod
 from bkfac.cli import main
 from bkfac.experiments.data import CIFAR10_CLASSES, CIFAR10Arrays
 from bkfac.experiments.profiles import load_profile
-from bkfac.experiments.results import read_csv
+from bkfac.experiments.results import load_checkpoint, read_csv
 
 
 def synthetic_cifar(n_train=640, n_test=200, seed=0):
@@ -232,5 +232,5 @@ def test_data_parallel_train_two_processes(tmp_path, monkeypatch):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["epochs_run"] == 1
     assert 0.0 <= summary["final_test_acc"] <= 1.0
-    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    ck = load_checkpoint(out / "checkpoint.pt")
     assert ck["world_size"] == 2 and "kfac" in ck["optimizer"]

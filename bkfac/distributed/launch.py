@@ -23,6 +23,7 @@ import io
 import os
 import pickle
 import queue as queue_mod
+import signal
 import socket
 import time
 import traceback
@@ -154,6 +155,16 @@ def _loads(data: bytes):
 _FINISHED = "bkfac/launch/finished"
 
 
+def _how_it_ended(exitcode: int) -> str:
+    """``'was killed by SIGKILL'`` for a negative exit code (a signal), else ``'exited with code N'``."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
 def _wait_for_peers(ok: bool, timeout: float) -> None:
     """Count this rank as finished in the default store; rank 0, which hosts the store, then
     waits until every rank has finished -- at most ``timeout`` after a success, a short grace
@@ -273,7 +284,7 @@ def launch(fn, nproc: int, *args, backend: str = "gloo", timeout: float = 120.0,
                         break
                 for r in dead:
                     if r not in got:
-                        got[r] = ("error", ("ProcessDied", f"rank {r} exited with code {procs[r].exitcode} "
+                        got[r] = ("error", ("ProcessDied", f"rank {r} {_how_it_ended(procs[r].exitcode)} "
                                             "without reporting", ""))
             if time.monotonic() > deadline:
                 for r, p in enumerate(procs):

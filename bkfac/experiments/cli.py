@@ -28,8 +28,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", default="b-kfac",
                    help="a run of the profile (k-fac, r-kfac, r-kfac-tinv25, sre-kfac, b-kfac, b-r-kfac, b-kfac-c, "
                         "seng, sgd) or 'all' (default: b-kfac)")
-    p.add_argument("--epochs", type=int, default=None, help="override the profile's number of epochs")
-    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--epochs", type=int, default=None, help="override the profile's number of epochs (>= 1)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in its results folder from its last checkpoint (also to more epochs)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run its results folder holds (said on stderr); without --resume or "
+                        "--overwrite, training into a folder that holds a run is an error")
     p.add_argument("--synthetic-data", action="store_true",
                    help="train on random CIFAR-shaped images with balanced random labels instead of CIFAR-10, "
                         "for timing where the data set is not at hand (accuracy stays near 10 %%); results go "
@@ -40,16 +44,18 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_train(args) -> int:
+    """``bkfac train``: every argument, the profile and every results folder the command will
+    train into are checked (:func:`~bkfac.experiments.train.check_run_dir`) before anything trains."""
     import os
 
-    from .train import train_distributed, train_run
+    from .train import check_run_dir, run_dir, train_distributed, train_run
 
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
-        from ..distributed import init_distributed
-
-        init_distributed()
+    if args.epochs is not None and args.epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume (continue the run) and --overwrite (replace it) exclude each other")
     profile = load_profile(args.profile)
     runs = profile.run_names() if args.optimizer == "all" else [args.optimizer]
     for run in runs:
@@ -57,15 +63,23 @@ def run_train(args) -> int:
     seeds = [args.seed] if args.seed is not None else profile.train["seeds"][:1]
     for run in runs:
         for seed in seeds:
+            check_run_dir(run_dir(profile.name, run, seed, args.out, args.synthetic_data), resume=args.resume,
+                          overwrite=args.overwrite, epochs=args.epochs or profile.train["epochs"])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
+        from ..distributed import init_distributed
+
+        init_distributed()
+    for run in runs:
+        for seed in seeds:
             if args.nproc > 1:
                 s = train_distributed(args.profile, run, args.nproc, seed=seed, device=args.device,
                                       data_dir=args.data_dir, out_root=args.out, resume=args.resume,
-                                      epochs=args.epochs, progress=not args.quiet,
+                                      overwrite=args.overwrite, epochs=args.epochs, progress=not args.quiet,
                                       synthetic_data=args.synthetic_data)
                 print(f"{run} on {args.nproc} processes: final test acc {s.get('final_test_acc', float('nan')):.4f}")
                 continue
             res = train_run(profile, run, seed=seed, device=args.device, data_dir=args.data_dir, out_root=args.out,
-                            resume=args.resume, epochs=args.epochs, progress=not args.quiet,
+                            resume=args.resume, overwrite=args.overwrite, epochs=args.epochs, progress=not args.quiet,
                             synthetic_data=args.synthetic_data)
             s = res.summary
             print(f"{res.label}: final test acc {s.get('final_test_acc', float('nan')):.4f}, "

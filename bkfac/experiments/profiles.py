@@ -7,8 +7,11 @@ A run is ``{optimizer, hyper, label, lr_per_step}``: the optimizer's name, hyper
 on top of the profile's ``kfac`` ones (K-FAC family only), a display label, and optionally a
 per-step linear one-cycle learning rate (``max_lr``, ``pct_start``, ``div_factor``,
 ``final_div_factor``; :func:`bkfac.experiments.train.one_cycle`) in place of an epoch schedule.
-Unknown keys and bad values raise ``ValueError`` naming them; every run's optimizer is
-built once on a tiny model at load time, so a bad hyper-parameter fails before training.
+Unknown keys and bad values raise ``ValueError`` naming them (malformed YAML too, with its line);
+the profile's ``name`` and its run names become results folders, so they must be safe path
+components (:func:`~bkfac.experiments.results.check_name`: no ``/``, no leading ``.``). Every
+run's optimizer is built once on a tiny model at load time, so a bad hyper-parameter fails
+before training.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from .results import check_name
 
 PROFILE_DIR = Path(__file__).with_name("profiles")
 PROFILES = ("smoke", "cpu", "paper")
@@ -189,9 +194,20 @@ def load_profile(name_or_path: str) -> Profile:
             raise ValueError(f"unknown profile {name_or_path!r}; choose one of {', '.join(PROFILES)} "
                              "or give a path to a YAML file")
         path = PROFILE_DIR / f"{name_or_path}.yaml"
-    with open(path) as f:
-        raw = yaml.safe_load(f)
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+        raise ValueError(f"profile {path} is not valid YAML{where}: {problem}") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read profile {path}: {exc}") from None
     _check(raw, _SCHEMA, f"profile {path.name}")
+    check_name(f"profile {path.name}: name", raw["name"])
+    for run in raw["runs"]:
+        check_name(f"profile {path.name}: run name", run)
     t = raw["train"]
     for key in ("epochs", "batch_size", "test_batch_size"):
         if t[key] < 1:
@@ -200,6 +216,11 @@ def load_profile(name_or_path: str) -> Profile:
         raise ValueError(f"train.targets must be accuracies in (0, 1), got {t['targets']}")
     if not t["seeds"] or not all(isinstance(s, int) and s >= 0 for s in t["seeds"]):
         raise ValueError(f"train.seeds must be non-negative integers, got {t['seeds']}")
+    for key in ("n_train", "n_test"):
+        if raw["data"][key] is not None and raw["data"][key] < 1:
+            raise ValueError(f"data.{key} must be >= 1 or null (the whole split), got {raw['data'][key]}")
+    if t["max_batches_per_epoch"] is not None and t["max_batches_per_epoch"] < 1:
+        raise ValueError(f"train.max_batches_per_epoch must be >= 1 or null, got {t['max_batches_per_epoch']}")
     if raw["device"] not in ("cpu", "cuda") and not raw["device"].startswith("cuda:"):
         raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {raw['device']!r}")
     profile = Profile(raw["name"], raw)

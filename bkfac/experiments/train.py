@@ -19,18 +19,33 @@ K-factor statistics, each factor's inverse work on one rank). Rank 0 evaluates, 
 results and the checkpoint (:func:`~bkfac.distributed.gather_state_dict`), which resumes on
 any number of processes. SENG's curvature is then each rank's own (local batch).
 
-Outputs under ``data/results/<profile>/<run>/seed<k>/`` (atomic writes):
-``history.csv`` (one row per epoch), ``summary.json`` (times/epochs to targets, t_epoch),
-``checkpoint.pt`` (latest epoch). Timing excludes evaluation on the test set, as the paper's
-t_epoch does not say otherwise; evaluation time is recorded separately. ``synthetic_data=True``
+Outputs under ``data/results/<profile>/<run>/seed<k>/`` (atomic writes, see
+:mod:`~bkfac.experiments.results`): ``history.csv`` (one row per epoch), ``summary.json`` (times/epochs
+to targets, t_epoch; written last), ``checkpoint.pt`` (latest epoch, with the run's seed, ``inputs``
+and ``inputs_hash``). Timing excludes evaluation on the test set, as the paper's t_epoch does not
+say otherwise; evaluation time is recorded separately. ``synthetic_data=True``
 (``--synthetic-data``) trains on random CIFAR-shaped images for timing and writes under
 ``data/results/<profile>-synthetic/``.
+
+A run folder has one owner: the process training into it holds a lock on it (a second one is
+refused), removes the temp files a killed writer left, and checks the folder before anything
+trains (:func:`check_run_dir`): a folder holding a run (finished or not) is continued only with
+``resume=True`` -- from a checkpoint of the same inputs and seed (the epoch budget may grow) --
+or replaced only with ``overwrite=True`` (said on stderr); files of different runs
+(:func:`~bkfac.experiments.results.run_state`) are an error naming them. Resuming a finished run
+to its own number of epochs returns it as stored; to more epochs removes its summary first, so
+an interruption leaves an unfinished run, never a stale summary beside a longer history.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
 import platform
+import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -45,9 +60,10 @@ from .data import (CIFAR10_TEST_SIZE, CIFAR10_TRAIN_SIZE, fingerprint, load_cifa
 from .manifest import inputs_hash, provenance, run_inputs
 from .models import build_model
 from .profiles import Profile
-from .results import atomic_torch_save, read_csv, results_dir, write_csv, write_json
+from .results import (CHECKPOINT, HISTORY, RUN_FILES, SUMMARY, atomic_torch_save, check_name, clean_temp_files,
+                      inspect_run, load_checkpoint, read_csv, results_dir, write_csv, write_json)
 
-__all__ = ["train_run", "RunResult", "resolve_device", "evaluate", "one_cycle"]
+__all__ = ["train_run", "RunResult", "resolve_device", "evaluate", "one_cycle", "run_dir", "check_run_dir"]
 
 PHASE_COLUMNS = ("data", "forward_backward", "statistics", "inverse", "precondition", "rest")
 
@@ -145,6 +161,120 @@ def one_cycle(opt, spec: dict, total_steps: int):
         cycle_momentum=False)
 
 
+def run_dir(profile: str, run: str, seed: int, out_root: str | os.PathLike | None = None,
+            synthetic_data: bool = False) -> Path:
+    """The folder of run ``run`` of profile ``profile`` with ``seed``: ``<out_root>/<profile>[-synthetic]/<run>/seed<k>``
+    (``data/results`` by default). Names that are not safe path components are refused
+    (:func:`~bkfac.experiments.results.check_name`), so it never lies outside the root."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    root = results_dir(profile + ("-synthetic" if synthetic_data else ""), out_root)
+    return root / check_name("run name", run) / f"seed{seed}"
+
+
+def _check_writable(out_dir: Path) -> None:
+    """The nearest existing folder on the way to ``out_dir`` is a folder this process may write."""
+    p = Path(out_dir).absolute()
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    if not p.is_dir():
+        raise ValueError(f"cannot write results to {out_dir}: {p} is not a folder (check --out)")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write results to {out_dir}: {p} is not writable (check --out)")
+
+
+def check_run_dir(out_dir: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
+                  epochs: int | None = None) -> dict:
+    """Check, changing nothing, that a run may be trained into ``out_dir``: the folder can be
+    written; unless ``overwrite``, its files form one run (:func:`~bkfac.experiments.results.inspect_run`,
+    whose answer is returned), and a run there (finished or not) is continued only with
+    ``resume`` -- and only when it has not passed ``epochs``, and a finished run only from its
+    checkpoint. ``ValueError`` otherwise, saying what to do."""
+    if resume and overwrite:
+        raise ValueError("--resume (continue the run) and --overwrite (replace it) exclude each other")
+    out_dir = Path(out_dir)
+    _check_writable(out_dir)
+    if overwrite:
+        return dict(state="overwrite", files=[n for n in RUN_FILES if (out_dir / n).is_file()])
+    info = inspect_run(out_dir)
+    state, n = info["state"], info["epochs"]
+    if state == "empty":
+        return info
+    what = (f"a finished run ({n} epoch(s))" if state == "done"
+            else f"an unfinished run ({n} epoch(s) done; {', '.join(info['files'])})")
+    if not resume:
+        raise ValueError(f"{out_dir} holds {what}: train with --resume to continue it or --overwrite to replace it")
+    reached = info["checkpoint_epoch"] if state == "partial" else n
+    if epochs is not None and reached is not None and reached > epochs:
+        raise ValueError(f"{out_dir} holds {what}, beyond the {epochs} epoch(s) asked for: resume with at least "
+                         f"{reached} epochs, or --overwrite to replace it")
+    if state == "done" and epochs is not None and n < epochs and info["checkpoint_epoch"] is None:
+        raise ValueError(f"{out_dir} holds {what} but no {CHECKPOINT} to continue it to {epochs} epochs: "
+                         "--overwrite to train it again")
+    return info
+
+
+@contextlib.contextmanager
+def _own_run_dir(out_dir: Path):
+    """Create ``out_dir``, hold an exclusive lock on it while training (another process
+    training into it is refused; the kernel drops the lock when a process dies), check that a
+    file can be written there, and remove the temp files a killed writer left."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out_dir, os.O_RDONLY)
+    except OSError as exc:
+        raise ValueError(f"cannot create the results folder {out_dir}: {exc.strerror or exc} (check --out)") from None
+    try:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no lock
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ValueError(f"another process is training into {out_dir} now; wait for it to finish") from None
+        try:
+            with tempfile.TemporaryFile(dir=out_dir):
+                pass
+        except OSError as exc:
+            raise ValueError(f"cannot write results to {out_dir}: {exc.strerror or exc} (check --out)") from None
+        clean_temp_files(out_dir)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_resumable(ck: dict, inputs: dict, seed: int, path: Path) -> None:
+    """The checkpoint was made by this run: the same seed and the same inputs except the epoch
+    budget (a run may be continued to more epochs). Checkpoints without recorded inputs are
+    checked by the model and optimizer loads alone."""
+    if ck.get("seed") is not None and ck["seed"] != seed:
+        raise ValueError(f"checkpoint {path} was made with seed {ck['seed']}, this run's seed is {seed}")
+    if ck.get("inputs") is None:
+        return
+    old, new = _flat(ck["inputs"]), _flat(inputs)
+    diff = [k for k in sorted(set(old) | set(new)) if k != "train.epochs" and old.get(k) != new.get(k)]
+    if diff:
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
+        raise ValueError(f"checkpoint {path} was made with other inputs than this run's ({shown}"
+                         f"{'; ...' if len(diff) > 6 else ''}): --overwrite to train the run again")
+
+
+def _read_history(path) -> list[dict]:
+    return [{k: (float(v) if k != "epoch" else int(v)) for k, v in r.items()} for r in read_csv(path)]
+
+
 def train_run(
     profile: Profile,
     run: str,
@@ -154,32 +284,71 @@ def train_run(
     data_dir: str | None = None,
     out_root: str | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     epochs: int | None = None,
     progress: bool = True,
     stop_after_batches: int | None = None,
     synthetic_data: bool = False,
 ) -> RunResult:
-    """Train run ``run`` of ``profile`` (see module docstring). ``stop_after_batches`` simulates
-    an interruption (for tests): the run stops after that many batches of the last epoch
-    without writing that epoch. ``synthetic_data`` trains on
-    :func:`~bkfac.experiments.data.synthetic_cifar10` (random images of the profile's sizes, for
-    timing only) and writes under ``<root>/<profile>-synthetic/`` so that real results are
-    never overwritten by a timing run."""
+    """Train run ``run`` of ``profile`` (see module docstring). ``resume``: continue the run in
+    its folder from its checkpoint; ``overwrite``: replace what the folder holds (one of them is
+    needed when the folder holds a run; :func:`check_run_dir`). ``epochs``: the epoch budget
+    (default: the profile's). ``stop_after_batches`` simulates an interruption (for tests): the
+    run stops after that many batches of the last epoch without writing that epoch.
+    ``synthetic_data`` trains on :func:`~bkfac.experiments.data.synthetic_cifar10` (random images
+    of the profile's sizes, for timing only) and writes under ``<root>/<profile>-synthetic/`` so
+    that real results are never overwritten by a timing run."""
+    import torch.distributed as tdist
+
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    dev = resolve_device(device, profile)
+    opt_name, _, label = profile.resolve_run(run)  # an unknown run fails before anything is written
+    distributed = tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+    lead = not distributed or tdist.get_rank() == 0
+    n_epochs = epochs or profile.train["epochs"]
+    out_dir = run_dir(profile.name, run, seed, out_root, synthetic_data)
+    with contextlib.ExitStack() as owned:
+        if lead:
+            check_run_dir(out_dir, resume=resume, overwrite=overwrite, epochs=n_epochs)  # before creating anything
+            owned.enter_context(_own_run_dir(out_dir))
+            info = check_run_dir(out_dir, resume=resume, overwrite=overwrite, epochs=n_epochs)  # now it is ours
+            if overwrite and info["files"]:
+                for name in info["files"]:
+                    (out_dir / name).unlink()
+                print(f"bkfac train: --overwrite: replaced the run in {out_dir} (removed {', '.join(info['files'])})",
+                      file=sys.stderr, flush=True)
+        if distributed:
+            tdist.barrier()  # the other ranks read the folder once rank 0 has checked it
+            if not lead:
+                info = inspect_run(out_dir) if resume else dict(state="empty")
+        if resume and info["state"] == "done" and info["epochs"] == n_epochs:
+            if progress and lead:
+                print(f"[{profile.name}] {run} seed {seed}: already finished ({n_epochs} epochs) in {out_dir}",
+                      flush=True)
+            return RunResult(profile.name, run, label, opt_name, seed, _read_history(out_dir / HISTORY),
+                             json.loads((out_dir / SUMMARY).read_text()), out_dir=out_dir)
+        return _train(profile, run, seed=seed, dev=dev, data_dir=data_dir, out_dir=out_dir, resume=resume,
+                      n_epochs=n_epochs, progress=progress, stop_after_batches=stop_after_batches,
+                      synthetic_data=synthetic_data)
+
+
+def _train(profile: Profile, run: str, *, seed: int, dev: torch.device, data_dir, out_dir: Path, resume: bool,
+           n_epochs: int, progress: bool, stop_after_batches: int | None, synthetic_data: bool) -> RunResult:
+    """The training of :func:`train_run` once the run folder is checked (and, on rank 0, owned)."""
     from tqdm.auto import tqdm
 
     import torch.distributed as tdist
 
-    dev = resolve_device(device, profile)
     opt_name, hyper, label = profile.resolve_run(run)
     distributed = tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
     rank, world = (tdist.get_rank(), tdist.get_world_size()) if distributed else (0, 1)
     lead = rank == 0
     progress = progress and lead
     t = profile.train
-    n_epochs = epochs or t["epochs"]
-    results_name = profile.name + ("-synthetic" if synthetic_data else "")
-    out_dir = results_dir(results_name, out_root) / run / f"seed{seed}"
-    ckpt_path = out_dir / "checkpoint.pt"
+    ckpt_path = out_dir / CHECKPOINT
+    inputs = run_inputs(profile, run, seed)
+    ihash = inputs_hash(inputs)
 
     partial = profile.data["n_train"] is not None or profile.data["n_test"] is not None
     if synthetic_data:
@@ -219,20 +388,32 @@ def train_run(
     start_epoch = 1
     train_seconds = 0.0
     if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
-        model.load_state_dict(ck["model"])
-        if distributed and hasattr(opt, "comm"):
-            from ..distributed import load_full_state_dict
+        ck = load_checkpoint(ckpt_path, map_location=dev)
+        _check_resumable(ck, inputs, seed, ckpt_path)
+        try:
+            model.load_state_dict(ck["model"])
+            if distributed and hasattr(opt, "comm"):
+                from ..distributed import load_full_state_dict
 
-            load_full_state_dict(opt, ck["optimizer"])
-        else:
-            opt.load_state_dict(ck["optimizer"])
+                load_full_state_dict(opt, ck["optimizer"])
+            else:
+                opt.load_state_dict(ck["optimizer"])
+            if scheduler is not None:
+                if not ck.get("lr_scheduler") or ck["lr_scheduler"].get("total_steps") != scheduler.total_steps:
+                    raise ValueError(f"its per-step learning-rate schedule does not span {n_epochs} epoch(s) of "
+                                     f"{batches} batches (lr_per_step runs cannot change their epoch budget)")
+                scheduler.load_state_dict(ck["lr_scheduler"])
+            _set_rng_state(ck["rng"], dev)
+        except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+            raise ValueError(f"cannot resume {run} from checkpoint {ckpt_path}: {exc}") from None
         history = ck["history"]
-        if scheduler is not None:
-            scheduler.load_state_dict(ck["lr_scheduler"])
-        _set_rng_state(ck["rng"], dev)
         start_epoch = ck["epoch"] + 1
         train_seconds = history[-1]["train_seconds"] if history else 0.0
+    elif resume and progress:
+        print(f"[{profile.name}] {run} seed {seed}: no checkpoint in {out_dir}; starting at epoch 1", flush=True)
+    if lead and start_epoch <= n_epochs:
+        # a finished run continued to more epochs is unfinished until its new summary is written
+        (out_dir / SUMMARY).unlink(missing_ok=True)
     result = RunResult(profile.name, run, label, opt_name, seed, history, out_dir=out_dir)
     for epoch in range(start_epoch, n_epochs + 1):
         opt.set_epoch(epoch)
@@ -301,18 +482,19 @@ def train_run(
         else:
             opt_state = opt.state_dict()
         if lead:
-            write_csv(out_dir / "history.csv", history)
+            write_csv(out_dir / HISTORY, history)
             atomic_torch_save({"model": model.state_dict(), "optimizer": opt_state, "history": history,
-                               "epoch": epoch, "rng": _rng_state(dev), "world_size": world,
+                               "epoch": epoch, "rng": _rng_state(dev), "world_size": world, "seed": seed,
+                               "inputs": inputs, "inputs_hash": ihash,
                                "lr_scheduler": scheduler.state_dict() if scheduler is not None else None}, ckpt_path)
     result.summary = summarize(history, t["targets"])
     result.summary.update(profile=profile.name, run=run, label=label, optimizer=opt_name, seed=seed,
                           device=str(dev), torch=torch.__version__, machine=platform.processor() or platform.machine(),
                           batches_per_epoch=batches, world_size=world, data=fingerprint(arrays))
-    inputs = run_inputs(profile, run, seed)
-    result.summary.update(inputs=inputs, inputs_hash=inputs_hash(inputs), provenance=provenance(dev))
+    result.summary.update(inputs=inputs, inputs_hash=ihash, provenance=provenance(dev))
     if lead:
-        write_json(out_dir / "summary.json", result.summary)
+        write_csv(out_dir / HISTORY, history)  # the checkpoint's history, when nothing was left to train
+        write_json(out_dir / SUMMARY, result.summary)
     return result
 
 
@@ -342,5 +524,4 @@ def train_distributed(profile: str, run: str, nproc: int, **kwargs) -> dict:
 
 def load_history(profile: str, run: str, seed: int = 0, out_root: str | None = None) -> list[dict]:
     """Read a run's ``history.csv`` back (numbers converted)."""
-    rows = read_csv(results_dir(profile, out_root) / run / f"seed{seed}" / "history.csv")
-    return [{k: (float(v) if k != "epoch" else int(v)) for k, v in r.items()} for r in rows]
+    return _read_history(run_dir(profile, run, seed, out_root) / HISTORY)
