@@ -6,21 +6,18 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import bkfac
 from bkfac.experiments.models import build_model
 from bkfac.experiments.profiles import load_profile
 
 
-def _initialised(name: str, model: nn.Module, n: int = 2, **hyper):
+def _planned(name: str, model: nn.Module, n: int = 2, **hyper):
+    """The optimizer and its plan for batch size ``n`` (describe() before any step)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = bkfac.make_optimizer(name, model, **hyper)
-    x = torch.randn(n, 3, 32, 32)
-    F.cross_entropy(model(x), torch.randint(0, 10, (n,))).backward()
-    opt._init_layers()
-    return opt
+    return opt, opt.describe(batch_size=n, input_shape=(3, 32, 32))
 
 
 @pytest.mark.parametrize("profile", ["cpu", "paper"])
@@ -28,24 +25,24 @@ def _initialised(name: str, model: nn.Module, n: int = 2, **hyper):
 def test_profiles_b_update_fc0_only(profile, name):
     torch.manual_seed(0)
     model = build_model(load_profile(profile).model)
-    opt = _initialised(name, model)
+    opt, plan = _planned(name, model)
     assert opt.policy == "first-fc"
-    rows = [r for r in opt.describe() if r["kind"] != "unsupported"]
+    rows = [r for r in plan if r["kind"] != "unsupported"]
     brand = {(r["layer"], r["factor"]) for r in rows if r["method"].startswith("brand")}
     assert brand == {("fc0", "A"), ("fc0", "G")}, brand
     for r in rows:
         if r["layer"] != "fc0":
             assert r["method"] in ("rsvd", "eigh"), r  # r-kfac (eigh where too small for rank r)
-    table = opt.describe_table()
-    assert "fc0" in table and "brand" in table
+    table = opt.describe_table(batch_size=2, input_shape=(3, 32, 32))
+    assert "fc0" in table and "brand" in table and "first FC, d > r" in table
 
 
 def test_mixed_policy_also_takes_fc1_on_the_paper_model():
     """Our rule d > n_M + r puts FC1's A-factor (d = 2049) on the B-update path too."""
     torch.manual_seed(0)
     model = build_model(load_profile("paper").model)
-    opt = _initialised("b-kfac", model, policy="mixed")
-    brand = {(r["layer"], r["factor"]) for r in opt.describe() if r["method"].startswith("brand")}
+    _, plan = _planned("b-kfac", model, policy="mixed")
+    brand = {(r["layer"], r["factor"]) for r in plan if r["method"].startswith("brand")}
     assert ("fc1", "A") in brand and ("fc0", "A") in brand
 
 
