@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # failures of a rank of a data-parallel run that are about the input or the machine, not a bug
-_RANK_EXPECTED = {"ValueError", "FileNotFoundError", "PermissionError", "OSError", "ProcessDied", "TimeoutError",
+_RANK_EXPECTED = {"ValueError", "FileNotFoundError", "PermissionError", "OSError", "FloatingPointError",
+                  "ProcessDied", "TimeoutError",
                   "CommunicationError", "DistStoreError", "DistNetworkError", "KeyboardInterrupt"}
 
 
@@ -78,9 +79,11 @@ def _launch_error_type():
 
 def _expected(exc: BaseException) -> bool:
     """An expected failure: bad input (``ValueError``), a file or folder that is missing or cannot
-    be written (``OSError``), or a data-parallel launch whose ranks failed or died."""
+    be written (``OSError``), a diverged run (``FloatingPointError``), or a data-parallel launch
+    whose ranks failed or died."""
     launch_error = _launch_error_type()
-    return isinstance(exc, (ValueError, OSError)) or (launch_error is not None and isinstance(exc, launch_error))
+    return isinstance(exc, (ValueError, OSError, FloatingPointError)) or (
+        launch_error is not None and isinstance(exc, launch_error))
 
 
 def _message(command: str, exc: BaseException) -> str:

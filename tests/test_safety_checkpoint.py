@@ -51,7 +51,7 @@ def test_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path, capsys):
     assert _train_cli(tmp_path / "res", "--resume") == 2
     err = capsys.readouterr().err
     assert "refusing to load checkpoint" in err and str(folder / "checkpoint.pt") in err, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "weights_only" not in err  # no advice to unpickle it after all
     assert not marker.exists()
     # the API refuses it as well (train_run checks the folder itself), and so does load_checkpoint
     with pytest.raises(ValueError, match="refusing to load checkpoint"):
@@ -61,6 +61,13 @@ def test_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path, capsys):
         load_checkpoint(folder / "checkpoint.pt")
     assert not marker.exists()
     assert not (folder / "history.csv").exists()  # nothing trained
+    # a plain pickle (not torch's zip format) with the same payload
+    import pickle
+
+    (folder / "checkpoint.pt").write_bytes(pickle.dumps(crafted))
+    assert _train_cli(tmp_path / "res", "--resume") == 2
+    assert "refusing to load checkpoint" in capsys.readouterr().err
+    assert not marker.exists()
 
 
 def test_truncated_checkpoint_gives_a_message_naming_it(tmp_path, capsys):

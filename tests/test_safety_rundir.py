@@ -182,6 +182,14 @@ def test_finished_run_needs_resume_or_overwrite(finished, tmp_path, capsys, monk
     assert run_state(folder) == "done"
 
 
+def test_every_folder_of_optimizer_all_is_checked_before_any_training(finished, tmp_path, capsys, no_training):
+    """``--optimizer all`` trains nine runs: a finished one among them stops the command at once."""
+    out = _copy(finished, "done", tmp_path)
+    assert _train(out, run="all") == 2
+    _one_paragraph_error(capsys, f"{_folder(out)} holds a finished run")
+    assert sorted(p.name for p in (out / "smoke-synthetic").iterdir()) == ["sgd"]  # no other run was started
+
+
 def test_resume_of_a_finished_run_to_more_epochs_leaves_no_stale_summary(finished, tmp_path, monkeypatch):
     """While a finished run is continued, its folder holds an unfinished run, not a stale summary."""
     out = _copy(finished, "done", tmp_path)

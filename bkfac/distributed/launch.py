@@ -149,6 +149,8 @@ def _dumps(obj) -> bytes:
 
 
 def _loads(data: bytes):
+    # bytes made by this launch's own processes (the multiprocessing queue that carries them
+    # unpickles anyway), never a file from disk: those load with weights_only=True
     return torch.load(io.BytesIO(data), weights_only=False)
 
 

@@ -26,6 +26,8 @@ import pickle
 import re
 import tempfile
 import time
+import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -144,12 +146,17 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", *, mmap: bool =
     looking at the epoch and the recorded inputs)."""
     path = Path(path)
     try:
-        ck = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a non-torch pickle
+            # mmap needs torch's zip format; anything else is read (and refused) the plain way
+            ck = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()
+        # torch's message suggests weights_only=False; name only what the file asked for
+        m = re.search(r"WeightsUnpickler error:\s*([^\n]+?)(?: was not an allowed global[^\n]*)?(?:\n|$)", str(exc))
+        what = m.group(1).strip() if m else type(exc).__name__
         raise ValueError(f"refusing to load checkpoint {path}: it holds objects other than tensors and plain "
-                         f"containers, which a bkfac checkpoint never does (torch: {first[0] if first else exc}); "
-                         "delete it, or start the run again with --overwrite") from None
+                         f"containers ({what}), which a bkfac checkpoint never does -- a crafted file could run "
+                         "code when unpickled; delete it, or start the run again with --overwrite") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as exc:
         if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
             raise ValueError(f"cannot read checkpoint {path}: {exc}") from None
@@ -215,15 +222,18 @@ def inspect_run(run_dir: str | os.PathLike) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"cannot read {s_path} as a run summary ({type(exc).__name__}: {exc})") from None
     problems = []
+    counts = []
     if hist is None:
         problems.append(f"there is no {h_path.name}")
     elif len(hist) != epochs_run:
-        problems.append(f"{s_path.name} says {epochs_run} epoch(s), {h_path.name} has {len(hist)}")
+        counts.append(f"{h_path.name} has {len(hist)}")
     elif hist and summary.get("final_test_acc") is not None and float(summary["final_test_acc"]) != hist[-1][1]:
         problems.append(f"{s_path.name}'s final test accuracy {summary['final_test_acc']} is not the last "
                         f"of {h_path.name} ({hist[-1][1]})")
     if ck is not None and info["checkpoint_epoch"] != epochs_run:
-        problems.append(f"{s_path.name} says {epochs_run} epoch(s), {c_path.name} is at epoch {info['checkpoint_epoch']}")
+        counts.append(f"{c_path.name} is at epoch {info['checkpoint_epoch']}")
+    if counts:
+        problems.insert(0, f"{s_path.name} says {epochs_run} epoch(s), " + ", ".join(counts))
     seeds = {"the folder": folder_seed, s_path.name: summary.get("seed"), c_path.name: info["seed"]}
     seeds = {k: v for k, v in seeds.items() if v is not None}
     if len(set(seeds.values())) > 1:
