@@ -239,7 +239,7 @@ class SENG(torch.optim.Optimizer):
 
     See the module docstring for the method and where each detail comes from. Usage::
 
-        opt = SENG(model, loader=loader)   # Appendix D defaults; make_optimizer("seng", model, loader=loader)
+        opt = SENG(model, loader=loader)   # Appendix D defaults (or make_optimizer("seng", ...))
         for epoch in range(1, epochs + 1):
             opt.set_epoch(epoch)          # with the loader's length: lr decays every iteration
             for x, y in loader:

@@ -87,6 +87,7 @@ class FactorInverse:
 
     # -- the three calls of the optimizer ---------------------------------------------------
     def wants_batch(self, k: int) -> bool:
+        """Whether step ``k`` needs the batch matrix (dense statistics every ``t_updt`` steps)."""
         return self.needs_dense and k % self.t_updt == 0
 
     def observe(self, k: int, batch: Tensor) -> None:
@@ -127,6 +128,7 @@ class FactorInverse:
             self.factor.mul_(self.rho).add_(outer, alpha=1.0 - self.rho)
 
     def refresh(self, k: int) -> None:  # pragma: no cover - abstract
+        """Update the representation ``(U, d)`` at step ``k`` if the method's schedule says so."""
         raise NotImplementedError
 
     def symmetric_factor(self) -> Tensor:
@@ -153,11 +155,13 @@ class FactorInverse:
         return inv @ X if side == "left" else X @ inv
 
     def representation(self) -> tuple[Tensor, Tensor]:
+        """``(U, d)``: orthonormal columns and non-negative eigenvalues, descending."""
         if self.U is None:
             raise RuntimeError(f"{type(self).__name__}: no representation yet (no statistics observed)")
         return self.U, self.d
 
     def end_step(self) -> None:
+        """Forget the step's batch matrix."""
         self._batch = None
 
     # -- inspection and checkpoints ------------------------------------------------------------
@@ -166,6 +170,7 @@ class FactorInverse:
         return sum(t.numel() * t.element_size() for t in (self.factor, self.U, self.d) if t is not None)
 
     def state_dict(self) -> dict:
+        """The tensors and counters that define this factor (for checkpoints)."""
         return {"factor": self.factor, "U": self.U, "d": self.d, "updates": self.updates, "epoch": self.epoch}
 
     def check_state(self, state: dict, where: str = "factor state") -> None:
@@ -202,6 +207,7 @@ class FactorInverse:
         self.updates += 1
 
     def describe(self) -> str:
+        """The method's name."""
         return self.method
 
 

@@ -36,7 +36,7 @@ from .schedules import PAPER_LR, PAPER_OVERSAMPLE, PAPER_PHI, PAPER_RANK, EpochS
 from .sgd import SGD
 
 __all__ = ["OPTIMIZERS", "PAPER_DEFAULTS", "paper_defaults", "make_optimizer", "optimizer_class",
-           "check_hyper", "hyper_names", "hyper_users", "resolve_hyper", "api_reference"]
+           "check_hyper", "hyper_names", "hyper_users", "resolve_hyper", "api_reference", "API_PARTS"]
 
 _KFAC_COMMON = dict(
     rho=0.95, t_updt=25, weight_decay=7e-4, momentum=0.0, clip=0.07, clip_mode="rms",
@@ -153,122 +153,133 @@ def make_optimizer(name: str, model: nn.Module, *, defaults: str | None = "paper
 
 # -- the API reference of the book (appendix "API") -----------------------------------------------
 
+#: The parts of :func:`api_reference`, in book order.
+API_PARTS = ("hyper-parameters", "factory", "optimizers", "schedules", "inverses", "linalg")
+
 
 def _fmt_value(v) -> str:
     if isinstance(v, EpochSchedule):
-        return "{" + ", ".join(f"{k}: {x:g}" if isinstance(x, float) else f"{k}: {x}" for k, x in v.items) + "}"
-    if v is inspect.Parameter.empty:
-        return "(required)"
+        return "{" + ", ".join(f"{k}: {x!r}" for k, x in v.items) + "}"
     return repr(v)
 
 
 def _signature(obj, name: str) -> str:
+    """``name(params)`` without annotations, keyword-only marker kept, wrapped when long."""
     try:
         sig = inspect.signature(obj)
     except (TypeError, ValueError):
         return name
-    params = []
+    params, star = [], False
     for p in sig.parameters.values():
         if p.name == "self":
             continue
+        if p.kind is p.KEYWORD_ONLY and not star:
+            params.append("*")
+        star = star or p.kind in (p.KEYWORD_ONLY, p.VAR_POSITIONAL)
         params.append(str(p.replace(annotation=inspect.Parameter.empty)))
     text = f"{name}({', '.join(params)})"
-    if len(text) <= 100:
-        return text
-    return f"{name}(\n    " + ",\n    ".join(params) + ",\n)"
+    return text if len(text) <= 96 else f"{name}(\n    " + ",\n    ".join(params) + ",\n)"
 
 
-def _doc(obj) -> str:
+def _entry(obj, qualname: str, method: bool = False) -> list[str]:
+    """Name, signature and docstring of ``obj`` (a class's ``__init__`` signature); no heading
+    (an output's headings would enter the book's table of contents)."""
+    sig = _signature(obj, f"class {qualname}" if inspect.isclass(obj) else qualname)
+    out = [f"{'Method' if method else '**'}{' ' if method else ''}`{qualname}`{'' if method else '**'}", "",
+           "```python", sig, "```", ""]
     doc = inspect.getdoc(obj)
-    return doc if doc else "(no docstring)"
+    return out + (["```text", doc, "```", ""] if doc else [])
 
 
-def _public_methods(cls, owner_prefix: str) -> list[tuple[str, object]]:
+def _methods(cls, qualname: str) -> list[str]:
+    """The public methods ``cls`` defines itself (not inherited from torch)."""
     out = []
     for name, member in cls.__dict__.items():
-        if name.startswith("_"):
-            continue
         fn = member.__func__ if isinstance(member, (classmethod, staticmethod)) else member
-        if inspect.isfunction(fn) and (fn.__module__ or "").startswith(owner_prefix):
-            out.append((name, getattr(cls, name)))
+        if not name.startswith("_") and inspect.isfunction(fn):
+            out += _entry(getattr(cls, name), f"{qualname}.{name}", method=True)
     return out
 
 
-def _section(title: str, obj, qualname: str, methods: bool = True) -> list[str]:
-    lines = [f"### `{qualname}` {{.unnumbered}}", "", "```python"]
-    lines.append(_signature(obj, qualname if not inspect.isclass(obj) else f"class {qualname}"))
-    lines += ["```", "", "```text", _doc(obj), "```", ""]
-    if methods and inspect.isclass(obj):
-        for name, fn in _public_methods(obj, "bkfac"):
-            lines += [f"#### `{qualname}.{name}` {{.unnumbered}}", "", "```python",
-                      _signature(fn, name), "```", "", "```text", _doc(fn), "```", ""]
-    return lines
-
-
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
-    return out + [""]
+    esc = lambda c: str(c).replace("|", "\\|")  # noqa: E731
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+            *("| " + " | ".join(esc(c) for c in r) + " |" for r in rows), ""]
 
 
-def api_reference() -> str:
-    """The book's API appendix as Markdown, generated from the code: for every optimizer the
-    hyper-parameters it uses with the class defaults and the paper's (:data:`PAPER_DEFAULTS`),
-    then the signature and docstring of every public class and function of ``bkfac``
-    (``bkfac.__all__``), ``bkfac.optim``, ``bkfac.inverses`` and ``bkfac.linalg``."""
-    import bkfac
-    from bkfac import inverses, linalg
-
-    from . import kfac as kfac_mod
-
-    names = list(OPTIMIZERS)
-    lines = ["## Hyper-parameters {.unnumbered}", "",
-             "Each optimizer's keyword arguments (`bkfac.optim.factory.hyper_names`), with the class "
-             "default, then the paper's value where `make_optimizer(name, model)` sets one "
-             "(`PAPER_DEFAULTS`); '-': the method does not use it (`check_hyper` refuses it).", ""]
+def _hyper_table(names: list[str], paper_head: str) -> list[str]:
+    """One row per keyword argument of the optimizers ``names``: its class default, the value
+    :func:`make_optimizer` uses (``PAPER_DEFAULTS``), and which of them use it."""
+    used = {n: optimizer_class(n).hyper_parameters() for n in names}
     keys: list[str] = []
     for n in names:
-        keys += [k for k in optimizer_class(n).hyper_parameters() if k not in keys]
+        keys += [k for k in used[n] if k not in keys]
     rows = []
     for k in keys:
-        row = [f"`{k}`"]
-        for n in names:
-            used = optimizer_class(n).hyper_parameters()
-            if k not in used:
-                row.append("-")
-                continue
-            cell = _fmt_value(used[k])
-            if k in PAPER_DEFAULTS[n] and PAPER_DEFAULTS[n][k] != used[k]:
-                cell += f" / paper {_fmt_value(PAPER_DEFAULTS[n][k])}"
-            row.append(cell)
-        rows.append(row)
-    lines += _table(["argument", *names], rows)
-
-    lines += ["## Building and checking optimizers {.unnumbered}", ""]
-    for fn in (make_optimizer, paper_defaults, check_hyper, hyper_names, resolve_hyper, optimizer_class):
-        lines += _section("", fn, f"bkfac.optim.factory.{fn.__name__}")
-    lines += ["## The optimizers {.unnumbered}", ""]
-    lines += _section("", kfac_mod.KFACFamily, "bkfac.optim.KFACFamily")
-    lines += _section("", kfac_mod.KFactor, "bkfac.optim.KFactor")
-    for n in names:
-        cls = optimizer_class(n)
-        if cls in (KFAC, RKFAC, SREKFAC, BKFAC, BRKFAC, BKFACC):
-            lines += _section("", cls, f"bkfac.{cls.__name__}", methods=False)
+        users = [n for n in names if k in used[n]]
+        default = {_fmt_value(used[n][k]) for n in users}
+        paper = {n: _fmt_value(PAPER_DEFAULTS[n][k]) for n in users if k in PAPER_DEFAULTS[n]}
+        if len(set(paper.values())) > 1:
+            paper_cell = "; ".join(f"{n}: {v}" for n, v in paper.items())
         else:
-            lines += _section("", cls, f"bkfac.{cls.__name__}")
-    lines += ["## Schedules {.unnumbered}", ""]
-    lines += _section("", EpochSchedule, "bkfac.EpochSchedule")
-    for const in ("PAPER_LR", "PAPER_PHI", "PAPER_RANK", "PAPER_OVERSAMPLE"):
-        lines += [f"- `bkfac.optim.{const}` = `{_fmt_value(getattr(bkfac.optim, const))}`"]
-    lines += ["", "## Factor inverses (`bkfac.inverses`) {.unnumbered}", ""]
-    for n in inverses.__all__:
-        obj = getattr(inverses, n)
-        if inspect.isclass(obj):
-            lines += _section("", obj, f"bkfac.inverses.{n}", methods=n == "FactorInverse")
-    lines += ["## Linear algebra (`bkfac.linalg`) {.unnumbered}", ""]
-    for n in linalg.__all__:
-        obj = getattr(linalg, n)
-        if inspect.isfunction(obj) or inspect.isclass(obj):
-            lines += _section("", obj, f"bkfac.linalg.{n}", methods=False)
-    return "\n".join(lines).rstrip() + "\n"
+            paper_cell = next(iter(paper.values()), "")
+        row = [f"`{k}`", " / ".join(sorted(default)), paper_cell]
+        rows.append(row + ([] if len(names) == 1 else ["all" if len(users) == len(names) else ", ".join(users)]))
+    return _table(["argument", "class default", paper_head] + ([] if len(names) == 1 else ["used by"]), rows)
+
+
+def api_reference(part: str | None = None) -> str:
+    """The book's API appendix as Markdown, generated from the code so that it cannot drift:
+    ``part`` one of :data:`API_PARTS` (``None``: all). ``'hyper-parameters'``: every
+    optimizer's keyword arguments with the class defaults and the paper's
+    (:data:`PAPER_DEFAULTS`); the other parts: the signature and docstring of each public
+    class (with its public methods) and function of ``bkfac.optim`` (and ``bkfac``'s top level),
+    ``bkfac.inverses`` and ``bkfac.linalg``."""
+    if part is None:
+        return "".join(api_reference(p) for p in API_PARTS)
+    if part not in API_PARTS:
+        raise ValueError(f"part must be one of {', '.join(API_PARTS)} or None, got {part!r}")
+    from .. import inverses, linalg
+    from . import kfac as kfac_mod
+    from . import schedules
+
+    kfac_names = [n for n in OPTIMIZERS if n not in ("seng", "sgd")]
+    lines: list[str] = []
+    if part == "hyper-parameters":
+        lines += ["**The K-FAC family** (`bkfac.KFAC`, ...; `hyper_names(name)`;",
+                  "a blank paper value: the class default):", ""]
+        lines += _hyper_table(kfac_names, "paper (`make_optimizer`)")
+        lines += ["**SENG** (`bkfac.SENG`, the paper's Appendix D):", ""]
+        lines += _hyper_table(["seng"], "paper (`make_optimizer`)")
+        lines += ["**SGD** (`bkfac.SGD`; not in the paper, its `make_optimizer` values are ours):", ""]
+        lines += _hyper_table(["sgd"], "`make_optimizer`")
+    elif part == "factory":
+        for fn in (make_optimizer, check_hyper, hyper_names, paper_defaults, resolve_hyper, optimizer_class):
+            lines += _entry(fn, f"bkfac.optim.factory.{fn.__name__}")
+    elif part == "optimizers":
+        lines += _entry(kfac_mod.KFACFamily, "bkfac.optim.KFACFamily") + _methods(kfac_mod.KFACFamily,
+                                                                                 "KFACFamily")
+        for n in kfac_names:
+            cls = optimizer_class(n)
+            lines += _entry(cls, f"bkfac.{cls.__name__}")
+        lines += _entry(kfac_mod.KFactor, "bkfac.KFactor") + _methods(kfac_mod.KFactor, "KFactor")
+        for n in ("seng", "sgd"):
+            cls = optimizer_class(n)
+            lines += _entry(cls, f"bkfac.{cls.__name__}") + _methods(cls, cls.__name__)
+    elif part == "schedules":
+        lines += _entry(EpochSchedule, "bkfac.EpochSchedule") + _methods(EpochSchedule, "EpochSchedule")
+        lines += [f"- `bkfac.optim.{c}` = `{_fmt_value(getattr(schedules, c))}`"
+                  for c in ("PAPER_LR", "PAPER_PHI", "PAPER_RANK", "PAPER_OVERSAMPLE")] + [""]
+    elif part == "inverses":
+        for n in inverses.__all__:
+            obj = getattr(inverses, n)
+            if inspect.isclass(obj):
+                lines += _entry(obj, f"bkfac.inverses.{n}")
+                if n == "FactorInverse":
+                    lines += _methods(obj, n)
+    else:
+        for n in linalg.__all__:
+            obj = getattr(linalg, n)
+            if inspect.isfunction(obj) or inspect.isclass(obj):
+                lines += _entry(obj, f"bkfac.linalg.{n}")
+    return "\n".join(lines).rstrip() + "\n\n"

@@ -860,6 +860,7 @@ class KFACFamily(torch.optim.Optimizer):
         )
 
     def remove_hooks(self) -> None:
+        """Take the capture hooks off the model (it is an ordinary model again)."""
         self.capture.remove()
 
     # -- the step ---------------------------------------------------------------------------------
@@ -911,6 +912,8 @@ class KFACFamily(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One K-FAC step after ``loss.backward()`` (module docstring: statistics, inverse,
+        precondition, rest); ``closure`` re-evaluates the loss as in ``torch.optim``."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -1057,6 +1060,9 @@ class KFACFamily(torch.optim.Optimizer):
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """``torch.optim`` state plus ``'kfac'``: algorithm, step and epoch counters, the
+        generators, and per layer ``n_M`` and each factor's ``(method, state)`` (EA factor,
+        representation). Tensors are references, as in ``torch.optim``."""
         sd = super().state_dict()
         sd["kfac"] = {
             "algorithm": self.algorithm,

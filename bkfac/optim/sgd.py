@@ -84,6 +84,7 @@ class SGD(torch.optim.SGD):
             raise ValueError("nesterov=True needs momentum > 0")
 
     def set_epoch(self, epoch: int) -> None:
+        """Set the current (1-indexed) epoch: the lr of every group from ``lr_schedule``."""
         check_positive_int("epoch", epoch)
         self.epoch = epoch
         if self.lr_schedule is not None:
@@ -91,6 +92,7 @@ class SGD(torch.optim.SGD):
                 g["lr"] = self.lr_schedule(epoch)
 
     def step(self, closure=None):
+        """``torch.optim.SGD.step`` after the finiteness check of the gradients, timed."""
         self.timer.start_step()
         with self.timer.phase("rest"):
             loss = None
@@ -114,7 +116,8 @@ class SGD(torch.optim.SGD):
         return []
 
     def describe_table(self, batch_size: int | None = None, *, input_shape=None) -> str:
+        """One line: SGD keeps no K-factors."""
         return "sgd: every parameter takes the plain SGD step (no K-factors)"
 
     def remove_hooks(self) -> None:
-        pass
+        """Nothing to remove (SGD puts no hooks on the model)."""
