@@ -65,7 +65,8 @@ def build(name, model, comm=None):
     extra, _ = METHODS[name]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return bkfac.make_optimizer(name, model, defaults=None, comm=comm, **COMMON, **extra)
+        common = {k: v for k, v in COMMON.items() if k in bkfac.hyper_names(name)}  # k-fac: no rank
+        return bkfac.make_optimizer(name, model, defaults=None, comm=comm, **common, **extra)
 
 
 def run(model, opt, start, stop, rank=None):

@@ -81,7 +81,7 @@ def test_monte_carlo_fisher_trains():
     for k in range(6):
         step(model, opt, k)
     assert opt.steps == 6 and all(torch.isfinite(p).all() for p in model.parameters())
-    assert opt.layers[0].inv_G.factor is not None
+    assert opt.k_factor("0", "G").ea is not None
 
 
 def test_every_optimizer_takes_sync_timer():

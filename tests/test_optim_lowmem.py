@@ -45,8 +45,8 @@ def test_pure_bkfac_never_forms_a_dense_factor():
     rows = {(r["layer"], r["factor"]): r for r in opt.describe()}
     fc0_A, fc0_G = rows[("0", "A")], rows[("0", "G")]
     assert fc0_A["method"] == "brand" and fc0_G["method"] == "brand" and fc0_A["alg8"]
-    inv = opt.layers[0].inv_A
-    assert inv.factor is None and inv.U.shape == (d_A, 220 + n)
+    kf = opt.k_factor("0", "A")
+    assert kf.ea is None and kf.U.shape == (d_A, 220 + n) and kf.d.shape == (220 + n,)
     # state memory: the tall-skinny U and d only (reported by describe())
     assert fc0_A["state_bytes"] == (d_A * (220 + n) + 220 + n) * 4
     print(f"low-memory b-kfac state for FC0's A-factor: {fc0_A['state_bytes'] / 2**20:.1f} MiB "
