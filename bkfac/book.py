@@ -16,7 +16,12 @@ for a *profile* live in ``chapters/params/<profile>.yaml``::
 * ``bkfac reproduce --profile P [--chapters ...]`` (:func:`add_reproduce_args`,
   :func:`run_reproduce`) -- execute every chapter with papermill (kernel ``python3``, working
   directory ``chapters/``). ``cpu`` and ``paper`` execute *in place* (the committed notebooks
-  are executed with ``cpu``); ``smoke`` writes to the git-ignored ``.nbrun/smoke/``.
+  are executed with ``cpu``); ``smoke`` writes to the git-ignored ``.nbrun/smoke/``. First it
+  says what it does with the stored results the chapters read (training runs, error study):
+  reuse those whose recorded inputs are the profile's, train the others -- with the estimated
+  cost, before anything trains (``--plan``: only say it; ``--reuse-stale``: use results of
+  another configuration, marked in the stamps of what is drawn from them; ``--from-scratch``:
+  train everything again).
 * :func:`prepare` -- papermill ``prepare_only`` copies (parameters injected, stored outputs
   kept) for nbval: ``python -m bkfac.book prepare --profile smoke --out .nbrun/smoke``.
 * :func:`preview` -- render the executed chapters to HTML with nbconvert into ``.preview/``
@@ -25,7 +30,11 @@ for a *profile* live in ``chapters/params/<profile>.yaml``::
 Chapters locate the repository with :func:`repo_root` and write their figures, tables and
 data through :func:`output_dir` / :func:`save_figure` / :func:`save_table`, so relative
 paths never depend on the kernel's working directory (papermill runs in ``chapters/``,
-nbval in the directory of the copy). The ``smoke`` profile writes to ``.nbrun/smoke/``
+nbval in the directory of the copy). :func:`save_figure` and :func:`save_table` enter each
+file in ``manifest.json`` beside it (:func:`bkfac.experiments.manifest.record_output`: the
+notebook, the file's hash, the profile, the commit, and the stored results the kernel had read,
+which importing this module starts recording); :func:`run_stamp` and :func:`stamp_figure` say
+so when any of those results is not of the profile's current configuration. The ``smoke`` profile writes to ``.nbrun/smoke/``
 instead of ``figures/``, ``tables/`` and ``data/``, so a test run never overwrites the
 committed results.
 
@@ -63,6 +72,7 @@ __all__ = [
     "save_table",
     "markdown_table",
     "run_stamp",
+    "stale_note",
     "stamp_figure",
     "execute_chapter",
     "prepare",
@@ -313,9 +323,14 @@ def _atomic_write(path: Path, write) -> Path:
 
 
 def save_figure(fig, name: str, profile: str, dpi: int = 120) -> Path:
-    """Save a matplotlib figure as ``<output_dir('figures')>/<name>.png`` atomically."""
+    """Save a matplotlib figure as ``<output_dir('figures')>/<name>.png`` atomically and enter
+    it in ``figures/manifest.json`` (:func:`bkfac.experiments.manifest.record_output`)."""
+    from .experiments.manifest import record_output
+
     path = output_dir("figures", profile) / f"{name}.png"
-    return _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
+    record_output(path, profile)
+    return path
 
 
 def _fmt(value: Any, floatfmt: str) -> str:
@@ -372,7 +387,10 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, h
 
 
 def save_table(rows: Sequence[dict], name: str, profile: str, columns: Sequence[str] | None = None) -> Path:
-    """Write ``rows`` to ``<output_dir('tables')>/<name>.csv`` atomically; returns the path."""
+    """Write ``rows`` to ``<output_dir('tables')>/<name>.csv`` atomically and enter it in
+    ``tables/manifest.json`` (:func:`bkfac.experiments.manifest.record_output`); returns the path."""
+    from .experiments.manifest import record_output
+
     columns = list(columns or (rows[0].keys() if rows else []))
     path = output_dir("tables", profile) / f"{name}.csv"
 
@@ -383,7 +401,9 @@ def save_table(rows: Sequence[dict], name: str, profile: str, columns: Sequence[
             for r in rows:
                 w.writerow({c: r.get(c, "") for c in columns})
 
-    return _atomic_write(path, write)
+    _atomic_write(path, write)
+    record_output(path, profile)
+    return path
 
 
 def _cpu_model() -> str:
@@ -392,8 +412,7 @@ def _cpu_model() -> str:
     return cpu_model()
 
 
-def run_stamp(profile: str, device: str = "cpu") -> str:
-    """One line naming the profile and the hardware a result was computed on."""
+def _hardware_stamp(profile: str, device: str) -> str:
     import torch
 
     dev = str(device)
@@ -404,14 +423,41 @@ def run_stamp(profile: str, device: str = "cpu") -> str:
     return f"profile '{profile}' | {hw} | torch {torch.__version__}"
 
 
+def stale_note(profile: str) -> str:
+    """Empty, or one line saying that stored results this process has read are not of the
+    profile's current configuration (:func:`bkfac.experiments.manifest.stale_reads`), naming
+    them and why (``bkfac reproduce --reuse-stale`` uses such results)."""
+    from .experiments.manifest import stale_reads
+
+    stale = stale_reads(profile)
+    if not stale:
+        return ""
+    shown = "; ".join(f"{r} ({why})" for r, why in list(stale.items())[:3])
+    more = f"; and {len(stale) - 3} more" if len(stale) > 3 else ""
+    return f"DRAWN FROM RESULTS OF ANOTHER CONFIGURATION: {shown}{more} (see `bkfac results status`)"
+
+
+def run_stamp(profile: str, device: str = "cpu") -> str:
+    """One line naming the profile and the hardware a result was computed on; when stored
+    results read so far are not of the profile's current configuration, it ends with
+    :func:`stale_note`."""
+    note = stale_note(profile)
+    return _hardware_stamp(profile, device) + (f" | {note}" if note else "")
+
+
 def stamp_figure(fig, profile: str, device: str = "cpu") -> None:
-    """Write :func:`run_stamp` in small print under a matplotlib figure's axes.
+    """Write the profile and hardware of :func:`run_stamp` in small print under a matplotlib
+    figure's axes, and above it, in red, :func:`stale_note` when the figure is drawn from stored
+    results of another configuration.
 
     Lays the figure out with ``tight_layout`` leaving a strip at the bottom for the stamp, so
     call it after the axes are complete.
     """
-    fig.tight_layout(rect=(0, 0.045, 1, 1))
-    fig.text(0.01, 0.004, run_stamp(profile, device), fontsize=6.5, color="0.35", ha="left", va="bottom")
+    note = stale_note(profile)
+    fig.tight_layout(rect=(0, 0.085 if note else 0.045, 1, 1))
+    fig.text(0.01, 0.004, _hardware_stamp(profile, device), fontsize=6.5, color="0.35", ha="left", va="bottom")
+    if note:
+        fig.text(0.01, 0.04, note, fontsize=6.5, color="#b00000", ha="left", va="bottom", wrap=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -628,15 +674,98 @@ def add_reproduce_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chapters", nargs="+", metavar="CHAPTER", default=None,
                         help="only these chapters (file stems, e.g. 03-brand-kfacs); default: all, in book order")
     parser.add_argument("--list", action="store_true", help="list the chapters and their parameters, run nothing")
+    parser.add_argument("--plan", action="store_true",
+                        help="say what would be done with the stored results the chapters read (reuse, train, "
+                             "retrain) and what training would cost; train and execute nothing")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--reuse-stale", action="store_true",
+                     help="use stored results whose recorded configuration is not the profile's (or unrecorded) "
+                          "instead of training them again; what is drawn from them says so in its stamp")
+    how.add_argument("--from-scratch", action="store_true",
+                     help="ignore the stored results: train every run and the error study again (cpu profile: "
+                          "about 5-6 hours on 2 cores)")
+
+
+def _results_needed(selected: Sequence[Path], profile: str, root: Path) -> dict:
+    """The stored results the ``selected`` chapters read, from their code and parameters: the
+    training runs of a chapter that calls ``ensure_runs`` (its ``runs`` parameter, empty: all
+    of the profile), the error study of one that calls ``load_error_study``; with the seed,
+    device and threads those chapters use."""
+    need = dict(runs=[], error_study=False, seed=None, device=None, threads=None)
+    for path in selected:
+        code = "\n".join(_source(c) for c in _read_nb(path).get("cells", []) if c.get("cell_type") == "code")
+        reads_runs, reads_es = "ensure_runs(" in code, "load_error_study(" in code
+        if not (reads_runs or reads_es):
+            continue
+        params = {**parameters_cell(path), **load_params(profile, path, root)}
+        need["seed"] = params.get("seed", need["seed"])
+        need["device"] = params.get("device", need["device"])
+        if reads_runs:
+            need["runs"] += [r for r in (params.get("runs") or [None]) if r not in need["runs"]]
+            need["threads"] = params.get("threads", need["threads"])
+        need["error_study"] = need["error_study"] or reads_es
+    return need
+
+
+def _prepare_results(args: argparse.Namespace, selected: Sequence[Path], root: Path) -> int | None:
+    """Decide, say and (unless ``--plan``) carry out what is done with the stored results the
+    chapters read (:func:`bkfac.experiments.report.plan_results`). Returns an exit status to
+    stop with, or None to go on to the chapters."""
+    need = _results_needed(selected, args.profile, root)
+    reuse_stale, from_scratch = getattr(args, "reuse_stale", False), getattr(args, "from_scratch", False)
+    if not need["runs"] and not need["error_study"]:
+        return 0 if getattr(args, "plan", False) else None
+    import torch
+
+    from .experiments import report
+    from .experiments.profiles import load_profile
+
+    prof = load_profile(args.profile)
+    runs = prof.run_names() if None in need["runs"] else need["runs"]
+    seed = need["seed"] if need["seed"] is not None else prof.train["seeds"][0]
+    items = report.plan_results(prof, runs=runs, seed=seed, error_study=need["error_study"],
+                                reuse_stale=reuse_stale, from_scratch=from_scratch)
+    where = report.results_root(args.profile) / args.profile
+    print(f"bkfac reproduce: the stored results the chapters read ({_shown(where, root)}):", flush=True)
+    print(report.format_plan(prof, items), flush=True)
+    if not any(it.trains for it in items):
+        print(f"  nothing to train; profile '{args.profile}' from scratch (--from-scratch): "
+              f"{report.FROM_SCRATCH_COST.get(args.profile, 'unknown')}", flush=True)
+    if getattr(args, "plan", False):
+        return 0
+    threads = need["threads"]
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        report.execute_plan(prof, items, device=need["device"], progress=True)
+    finally:
+        torch.set_num_threads(before)
+    return None
+
+
+def _shown(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
     """Execute the chapters for ``args.profile``; one progress line per chapter with timing.
 
+    First the stored results the chapters read (:func:`_results_needed`) are compared with what
+    the profile runs today and the plan is printed with its cost: identical inputs are reused,
+    others trained (``args.reuse_stale``: used as they are, the stamps of what is drawn from
+    them saying so; ``args.from_scratch``: everything trained again); ``args.plan`` stops there.
     ``cpu``/``paper``: in place (the notebook, ``figures/``, ``tables/``, ``data/`` are
-    replaced on success); ``smoke``: into ``.nbrun/smoke/``. Returns 0 when every chapter ran,
-    1 when any failed (the others still run).
+    replaced on success); ``smoke``: into ``.nbrun/smoke/``. Each chapter's kernel gets
+    ``$BKFAC_CHAPTER`` (recorded in the figures' and tables' manifest) and
+    ``$BKFAC_STALE_RESULTS`` (``reuse`` with ``--reuse-stale``, else ``retrain``). Returns 0 when
+    every chapter ran, 1 when any failed (the others still run).
     """
+    from .experiments.report import STALE_ENV
+
     _check_profile(args.profile)
     root = repo_root()
     selected = _selected(args.chapters, root)
@@ -647,26 +776,39 @@ def run_reproduce(args: argparse.Namespace) -> int:
     # validate everything before running anything
     for path in selected:
         load_params(args.profile, path, root)
+    stop = _prepare_results(args, selected, root)
+    if stop is not None:
+        return stop
     in_place = args.profile in IN_PLACE_PROFILES
     where = "in place" if in_place else f"into {NBRUN}/{args.profile}/"
     print(f"bkfac reproduce: profile '{args.profile}', {len(selected)} chapter(s), executed {where}", flush=True)
+    saved = {k: os.environ.get(k) for k in ("BKFAC_CHAPTER", STALE_ENV)}
+    os.environ[STALE_ENV] = "reuse" if getattr(args, "reuse_stale", False) else "retrain"
     failures, total = [], 0.0
-    for i, path in enumerate(selected, 1):
-        out = path if in_place else root / NBRUN / args.profile / path.name
-        print(f"[{i}/{len(selected)}] {path.stem} ...", end=" ", flush=True)
-        t0 = time.perf_counter()
-        try:
-            secs = execute_chapter(path, args.profile, out, root)
-        except Exception as exc:  # papermill's execution error, a kernel death, ...
-            secs = time.perf_counter() - t0
-            lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-            failed = _failed_path(root, args.profile, path)
-            kept = f" (notebook kept in {failed.relative_to(root)})" if failed.exists() else ""
-            print(f"FAILED after {secs:.1f} s: {lines[-1] if lines else type(exc).__name__}{kept}", flush=True)
-            failures.append(path.stem)
-        else:
-            print(f"ok ({secs:.1f} s) -> {out.relative_to(root)}", flush=True)
-        total += time.perf_counter() - t0
+    try:
+        for i, path in enumerate(selected, 1):
+            out = path if in_place else root / NBRUN / args.profile / path.name
+            print(f"[{i}/{len(selected)}] {path.stem} ...", end=" ", flush=True)
+            os.environ["BKFAC_CHAPTER"] = path.stem
+            t0 = time.perf_counter()
+            try:
+                secs = execute_chapter(path, args.profile, out, root)
+            except Exception as exc:  # papermill's execution error, a kernel death, ...
+                secs = time.perf_counter() - t0
+                lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+                failed = _failed_path(root, args.profile, path)
+                kept = f" (notebook kept in {failed.relative_to(root)})" if failed.exists() else ""
+                print(f"FAILED after {secs:.1f} s: {lines[-1] if lines else type(exc).__name__}{kept}", flush=True)
+                failures.append(path.stem)
+            else:
+                print(f"ok ({secs:.1f} s) -> {out.relative_to(root)}", flush=True)
+            total += time.perf_counter() - t0
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     status = "all chapters ran" if not failures else f"FAILED: {', '.join(failures)}"
     print(f"bkfac reproduce: {status} in {total:.1f} s", flush=True)
     return 1 if failures else 0
@@ -703,6 +845,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _watch_reads() -> None:
+    """Record the stored results this process reads (the sources of what a chapter saves)."""
+    from .experiments.manifest import watch_reads
+
+    watch_reads()
+
+
+_watch_reads()
 
 
 if __name__ == "__main__":  # pragma: no cover
