@@ -127,14 +127,11 @@ def error_study_inputs(profile: Profile, seeds: list[int], *, drive: str, window
 
 def code_commit() -> dict:
     """``{"commit": sha or None, "dirty": bool or None}`` of the checkout ``bkfac`` runs from."""
-    try:
-        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=20, check=True).stdout.strip() != ""
-        return {"commit": sha, "dirty": dirty}
-    except (OSError, subprocess.SubprocessError):
+    sha = _git("rev-parse", "HEAD", timeout=10)
+    if not sha:
         return {"commit": None, "dirty": None}
+    status = _git("status", "--porcelain", "--untracked-files=no", timeout=20)
+    return {"commit": sha, "dirty": None if status is None else status != ""}
 
 
 def provenance(device) -> dict:
