@@ -24,7 +24,8 @@ not installed:
 
 :func:`notebook_markdown` returns the document; :func:`code_cell_options` the options of one
 cell. Images are referenced where Quarto would write them (``<stem>_files/figure-html/``
-next to the notebook); ``write_figures`` writes them there too.
+next to the notebook); ``write_figures`` writes them there too. Not supported: ``output:
+asis`` (``ValueError``), slides, widgets' JavaScript dependencies, attachments of Markdown cells.
 """
 
 from __future__ import annotations
@@ -187,8 +188,10 @@ def _code_cell_markdown(cell: dict, index: int, language: str, figures: _Figures
                     plain.startswith(("[<matplotlib", "<matplotlib", "<seaborn.", "<ggplot:")):
                 continue  # matplotlib's return values next to a figure
         kept.append(o)
-    if not code_lines and not kept:
-        return ""
+    if options.get("output") == "asis":
+        raise ValueError("cell option 'output: asis' is not supported by bkfac.quarto_md")
+    if not (options["echo"] and code_lines) and not (options["output"] and kept):
+        return "\n"  # nothing to show: Quarto writes no div either
 
     label = str(options.get("label", "") or "")
     label = "#" + label if label and not label.startswith("#") else label

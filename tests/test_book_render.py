@@ -599,3 +599,62 @@ def test_committed_results_name_their_data_by_content():
         if m and m["layout"] != "synthetic" and (m["train"], m["test"]) == ("50000", "10000"):
             full.add(data)
     assert len(full) <= 1, f"the runs on the full CIFAR-10 name different data: {full}"
+
+
+# ------------------------------------------------------------------------------------------
+# bkfac.quarto_md: the Markdown of a notebook as Quarto builds it
+# ------------------------------------------------------------------------------------------
+
+PNG_1x1 = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
+
+
+def test_quarto_markdown_of_a_notebook(tmp_path):
+    image = {"output_type": "display_data", "metadata": {},
+             "data": {"image/png": PNG_1x1, "text/plain": "<Figure size 640x480 with 1 Axes>"}}
+    nb = _chapter(
+        _md_cell("Text with $x$."),
+        _code_cell("a = 1", tags=["parameters", "remove-cell"]),
+        _code_cell("#| include: false\nhidden = 1"),
+        _code_cell("#| echo: false\nprint('only the output')",
+                   [{"output_type": "stream", "name": "stdout", "text": "first\n"},
+                    {"output_type": "stream", "name": "stderr", "text": "a warning\n"},
+                    {"output_type": "stream", "name": "stdout", "text": "second\n"}]),
+        _code_cell("#| warning: false\nwarn()", [{"output_type": "stream", "name": "stderr", "text": "dropped\n"},
+                                                  {"output_type": "stream", "name": "stdout", "text": "kept\n"}]),
+        _code_cell("#| output: false\nshown_code = 1", [{"output_type": "stream", "name": "stdout", "text": "no\n"}]),
+        _code_cell("#| label: fig-one\n#| fig-cap: 'One pixel.'\n\nplt.show()", [image]),
+        _code_cell("#| label: tbl-two\n#| tbl-cap: 'Two cells.'\nshow()", [_markdown_out("| a | b |\n|---|---|\n| 1 | 2 |")]),
+    )
+    md = notebook_markdown(nb, figures_dir="ch_files/figure-html", write_figures=tmp_path)
+    assert md.startswith('---\ntitle: "T"\n---\n') and "#|" not in md
+    for gone in ("a = 1", "hidden = 1", "print('only the output')", "dropped", "\nno\n"):
+        assert gone not in md, gone
+    assert "```\nfirst\nsecond\n```" in md and "a warning" in md and "kept" in md and "shown_code = 1" in md
+    assert "![One pixel.](ch_files/figure-html/fig-one-output-1.png){#fig-one}" in md
+    assert (tmp_path / "ch_files/figure-html/fig-one-output-1.png").read_bytes() == base64.b64decode(PNG_1x1)
+    assert "::: {#tbl-two .cell tags='[]' tbl-cap='Two cells.' execution_count=1}" in md
+    ast = pandoc_ast(md)
+    ids = _ids(ast)
+    assert ids["fig-one"]["t"] == "Figure" and any(n["t"] == "Image" for n in _nodes(ids["fig-one"]))
+    assert any(n["t"] == "Table" for n in _nodes(ids["tbl-two"]))
+    assert [n["c"][1] for n in _nodes(ast["blocks"]) if n["t"] == "Math"] == ["x"]
+    code = [n["c"] for n in _nodes(ast["blocks"]) if n["t"] == "CodeBlock" and "cell-code" in n["c"][0][1]]
+    assert [c[1] for c in code] == ["warn()", "shown_code = 1", "plt.show()", "show()"]
+    assert code[0][0][1] == ["python", "cell-code"]
+
+
+def test_quarto_cell_options_and_bad_input(tmp_path):
+    cell = _code_cell("#| echo: false\n#| fig-cap: \"a: b\"\nx = 1", tags=["hide-output", "show-code"])
+    assert code_cell_options(cell) == {"echo": False, "output": False, "fig-cap": "a: b"}
+    with pytest.raises(ValueError, match="code cell"):
+        code_cell_options(_md_cell("text"))
+    with pytest.raises(ValueError, match="YAML mapping"):
+        notebook_markdown(_chapter(_code_cell("#| - a list\nx = 1")))
+    with pytest.raises(ValueError, match="cells"):
+        notebook_markdown({"metadata": {}})
+    with pytest.raises(TypeError, match="notebook"):
+        notebook_markdown(42)
+    path = tmp_path / "nb.ipynb"
+    path.write_text(json.dumps(_chapter(_code_cell("#| label: fig-p\n#| fig-cap: P\nf()", [
+        {"output_type": "display_data", "metadata": {}, "data": {"image/png": PNG_1x1}}]))), encoding="utf-8")
+    assert "(nb_files/figure-html/fig-p-output-1.png){#fig-p}" in notebook_markdown(path)
