@@ -361,7 +361,7 @@ def smoke_executed(tmp_path_factory) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_smoke_executed_book_reads_as_written(smoke_executed):
+def test_book_exec_smoke_copies_read_as_written(smoke_executed):
     for path in smoke_executed:
         assert "injected-parameters" in path.read_text(encoding="utf-8"), f"{path.name}: not a smoke copy"
     problems = book_problems(smoke_executed, QMD_FILES)
