@@ -186,3 +186,17 @@ def test_profile_validation_runs_the_same_checks(tmp_path, optimizer, hyper, mat
 def test_the_committed_profiles_pass():
     for name in ("smoke", "cpu", "paper"):
         load_profile(name)
+
+
+@pytest.mark.parametrize("shared,match", [
+    ({"rnak": 3}, r"kfac: unknown hyper-parameter 'rnak'"),
+    ({"phi_crc": 2.0}, r"kfac: phi_crc must lie in \(0.0, 1.0\]"),
+    ({"policy": "first"}, r"kfac: policy must be 'mixed', 'first-fc' or 'all'"),
+])
+def test_the_shared_kfac_section_is_checked_on_its_own(tmp_path, shared, match):
+    raw = yaml.safe_load((PROFILE_DIR / "smoke.yaml").read_text())
+    raw["kfac"].update(shared)
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=match):
+        load_profile(str(path))

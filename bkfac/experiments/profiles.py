@@ -156,8 +156,17 @@ def _check_lr_per_step(where: str, spec) -> None:
 def _validate_runs(profile: Profile) -> None:
     import torch.nn as nn
 
-    from ..optim.factory import check_hyper, make_optimizer, resolve_hyper
+    from ..optim.factory import check_hyper, hyper_names, hyper_users, make_optimizer, resolve_hyper
 
+    for key, value in profile.raw["kfac"].items():  # the family's shared section, on its own
+        users = [n for n in hyper_users(key) if n in KFAC_NAMES]
+        if not users:
+            raise ValueError(f"profile {profile.name!r}: kfac: unknown hyper-parameter {key!r}; the K-FAC "
+                             f"family's are: {', '.join(dict.fromkeys(k for n in KFAC_NAMES for k in hyper_names(n)))}")
+        try:
+            check_hyper(users[0], {key: value})
+        except ValueError as exc:
+            raise ValueError(f"profile {profile.name!r}: kfac: {exc}") from None
     for run, spec in profile.runs.items():
         if not isinstance(spec, dict) or "optimizer" not in spec:
             raise ValueError(f"runs.{run} must be a mapping with an 'optimizer' key")
