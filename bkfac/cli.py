@@ -1,4 +1,4 @@
-"""The ``bkfac`` command line: ``train``, ``error-study``, ``reproduce``, ``bench``.
+"""The ``bkfac`` command line: ``train``, ``error-study``, ``reproduce``, ``bench``, ``data``, ``results``.
 
 Each sub-command lives in the module that owns it; this file only builds the parser and
 dispatches, importing lazily so ``bkfac --help`` is instant. An expected failure -- bad input
@@ -23,6 +23,8 @@ COMMANDS = {
                   "execute every chapter with papermill for a profile (figures/, tables/)"),
     "bench": ("bkfac.bench", "add_bench_args", "run_bench",
               "benchmarks: linalg, apply, step, peer, distributed, all"),
+    "data": ("bkfac.experiments.fetch", "add_data_args", "run_data",
+             "the CIFAR-10 data: fetch (download it with torchvision where it is not found)"),
     "results": ("bkfac.experiments.manifest", "add_results_args", "run_results",
                 "stored results: status (config match with today's profile, code commit, age), backfill"),
 }

@@ -262,24 +262,20 @@ def _how_to_provide() -> str:
         f"{DATA_DIR_ENV}=DIR, where DIR holds either torchvision's download "
         f"({_BATCHES_DIR}/ with data_batch_1..5, test_batch, batches.meta) or the class-folder "
         "PNG tree (train/<class>/*.png and test/<class>/*.png, classes "
-        f"{', '.join(CIFAR10_CLASSES)}); or allow a download (download=True) where the network "
-        "permits."
+        f"{', '.join(CIFAR10_CLASSES)}); or download it with torchvision where the network "
+        "permits: `bkfac data fetch [--data-dir DIR]` (load_cifar10(download=True) does the same)."
     )
 
 
 def _download(root: Path) -> None:
-    """Download with torchvision into ``root``; raise FileNotFoundError when it fails."""
-    import torchvision
+    """Download with torchvision into ``root`` (:func:`bkfac.experiments.fetch.fetch_cifar10`:
+    atomic, checksums checked); raise FileNotFoundError when it fails."""
+    from .fetch import FetchError, fetch_cifar10
 
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        torchvision.datasets.CIFAR10(str(root), train=True, download=True)
-    except Exception as exc:  # no network, read-only dir, bad checksum ...: all fail the same way
-        raise FileNotFoundError(
-            f"CIFAR-10 was not found under {root} and the download with "
-            f"torchvision.datasets.CIFAR10(download=True) failed: {type(exc).__name__}: {exc}\n"
-            + _how_to_provide()
-        ) from exc
+        fetch_cifar10(root, progress=False)
+    except FetchError as exc:
+        raise FileNotFoundError(f"CIFAR-10 was not found under {root} and the download failed: {exc}") from exc
 
 
 # --------------------------------------------------------------------------------------
