@@ -24,8 +24,8 @@ for a *profile* live in ``chapters/params/<profile>.yaml``::
   train everything again).
 * :func:`prepare` -- papermill ``prepare_only`` copies (parameters injected, stored outputs
   kept) for nbval: ``python -m bkfac.book prepare --profile smoke --out .nbrun/smoke``.
-* :func:`preview` -- render the executed chapters to HTML with nbconvert into ``.preview/``
-  (no Quarto needed): ``python -m bkfac.book preview``.
+* :func:`preview` -- a readable stand-in for the rendered book, built with pandoc into
+  ``.preview/`` (no Quarto needed; :mod:`bkfac.preview`): ``python -m bkfac.book preview``.
 
 Chapters locate the repository with :func:`repo_root` and write their figures, tables and
 data through :func:`output_dir` / :func:`save_figure` / :func:`save_table`, so relative
@@ -461,7 +461,7 @@ def stamp_figure(fig, profile: str, device: str = "cpu") -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Execution (papermill), nbval copies, preview (nbconvert)
+# Execution (papermill), nbval copies, preview (pandoc)
 # --------------------------------------------------------------------------------------------
 
 
@@ -546,18 +546,6 @@ def prepare(profile: str, out_dir: str | os.PathLike, chapters_: Sequence[str] |
     return written
 
 
-def _front_matter(nb: dict) -> dict:
-    cells = nb.get("cells", [])
-    if not cells or cells[0].get("cell_type") != "raw":
-        return {}
-    text = _source(cells[0]).strip()
-    m = re.match(r"^---\s*\n(.*?)\n---\s*$", text, re.S)
-    if not m:
-        return {}
-    data = yaml.safe_load(m.group(1))
-    return data if isinstance(data, dict) else {}
-
-
 _OPT = re.compile(r"^#\|\s*([\w-]+)\s*:\s*(.*?)\s*$")
 
 
@@ -572,95 +560,27 @@ def cell_options(cell: dict) -> dict[str, str]:
     return opts
 
 
-def _preview_nb(nb: dict) -> dict:
-    """A copy of ``nb`` prepared for nbconvert: title heading, Quarto options applied."""
-    import copy
-
-    from nbformat.v4 import new_markdown_cell
-
-    nb = copy.deepcopy(nb)
-    fm = _front_matter(nb)
-    cells = []
-    for cell in nb["cells"][1:] if fm else nb["cells"]:
-        tags = set(_tags(cell))
-        caption = None
-        if cell.get("cell_type") == "code":
-            opts = cell_options(cell)
-            if opts.get("include") == "false":
-                continue
-            if opts.get("echo") == "false":
-                tags.add("remove-input")
-            if opts.get("output") == "false":
-                tags.add("remove-output")
-            lines = _source(cell).splitlines()
-            while lines and _OPT.match(lines[0]):
-                lines.pop(0)
-            cell["source"] = "\n".join(lines)
-            cap = opts.get("fig-cap") or opts.get("tbl-cap")
-            if cap:
-                label = opts.get("label", "")
-                caption = f"**{label}**: {cap}" if label else cap
-        elif cell.get("cell_type") == "markdown":
-            src = re.sub(r"^:::\s*\{#(prp-[\w-]+)[^}]*\}\s*$", r"> **Proposition** (`\1`)", _source(cell), flags=re.M)
-            src = re.sub(r"^:::\s*\{\.(callout-\w+)[^}]*\}\s*$", r"> **\1**", src, flags=re.M)
-            src = re.sub(r"^:::\s*$", "", src, flags=re.M)
-            cell["source"] = src
-        cell.setdefault("metadata", {})["tags"] = sorted(tags)
-        cells.append(cell)
-        if caption:
-            cells.append(new_markdown_cell(caption))
-    title = fm.get("title")
-    if title:
-        cells.insert(0, new_markdown_cell(f"# {title}"))
-    nb["cells"] = cells
-    return nb
-
-
 def preview(out_dir: str | os.PathLike = ".preview", chapters_: Sequence[str] | None = None,
             root: Path | None = None) -> list[Path]:
-    """Render the executed chapters to HTML with nbconvert (no Quarto needed).
+    """A readable stand-in for the rendered book, built with pandoc (no Quarto needed).
 
-    Cells tagged ``remove-cell`` / with ``#| include: false`` are dropped, ``remove-input`` /
-    ``hide-input`` / ``#| echo: false`` show only their output, ``remove-output`` / ``#|
-    output: false`` only their input; ``#|`` option lines are not shown and captions are
-    printed under their figure or table. Writes ``<out_dir>/<chapter>.html`` and an
-    ``index.html`` linking them; figure links resolve against the repository's ``figures/``.
+    Every page of ``_quarto.yml`` in book order -- ``index.html`` the front page, ``<stem>.html``
+    for each chapter -- read as Quarto reads it (:func:`bkfac.quarto_md.notebook_markdown`, then
+    pandoc), with numbered sections, figures, tables and propositions, cross-references as
+    links, citations resolved against the bibliography into the references page, navigation
+    between the pages; each page a self-contained HTML file (figures embedded, math as MathML).
+    See :mod:`bkfac.preview`.
+
+    ``chapters_``: the chapters whose pages are written (file stems; default all; the ``.qmd``
+    pages and the front page are always written). Returns those chapter pages, then
+    ``<out_dir>/index.html``.
     """
-    import nbformat
-    from nbconvert import HTMLExporter
-    from nbconvert.preprocessors import TagRemovePreprocessor
-    from traitlets.config import Config
+    from .preview import build_preview
 
     root = root or repo_root()
     out = Path(out_dir)
     out = out if out.is_absolute() else root / out
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = Config()
-    cfg.TagRemovePreprocessor.enabled = True
-    cfg.TagRemovePreprocessor.remove_cell_tags = {"remove-cell"}
-    cfg.TagRemovePreprocessor.remove_input_tags = {"remove-input", "hide-input"}
-    cfg.TagRemovePreprocessor.remove_all_outputs_tags = {"remove-output"}
-    exporter = HTMLExporter(config=cfg)
-    exporter.register_preprocessor(TagRemovePreprocessor(config=cfg), enabled=True)
-    written, links = [], []
-    for path in _selected(chapters_, root):
-        raw = nbformat.read(path, as_version=4)  # multi-line fields joined into strings
-        title = _front_matter(raw).get("title", path.stem)
-        nb = nbformat.from_dict(_preview_nb(raw))
-        body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}})
-        target = out / f"{path.stem}.html"
-        _atomic_write(target, lambda tmp, body=body: Path(tmp).write_text(body, encoding="utf-8"))
-        written.append(target)
-        links.append(f'<li><a href="{target.name}">{title}</a></li>')
-    index = out / "index.html"
-    html = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>bkfac book preview</title></head><body>"
-        "<h1>Brand New K-FACs, reproduced (preview)</h1>"
-        "<p>Executed chapters rendered with nbconvert. The full book (cross-references, citations) "
-        "is rendered by <code>quarto render</code>.</p><ol>" + "".join(links) + "</ol></body></html>"
-    )
-    _atomic_write(index, lambda tmp: Path(tmp).write_text(html, encoding="utf-8"))
-    return written + [index]
+    return build_preview(root, out, _selected(chapters_, root) if chapters_ else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -823,7 +743,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--profile", default="smoke")
     p.add_argument("--out", default=f"{NBRUN}/smoke")
     p.add_argument("--chapters", nargs="+", default=None)
-    p = sub.add_parser("preview", help="render the executed chapters to HTML with nbconvert")
+    p = sub.add_parser("preview", help="a readable stand-in for the rendered book, built with pandoc (no Quarto)")
     p.add_argument("--out", default=".preview")
     p.add_argument("--chapters", nargs="+", default=None)
     sub.add_parser("list", help="list the chapters in book order")
@@ -837,7 +757,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.cmd == "preview":
             paths = preview(args.out, args.chapters)
-            print(f"wrote {len(paths) - 1} chapter(s) and {paths[-1]}")
+            print(f"wrote the preview: {len(paths) - 1} chapter page(s) and the front page {paths[-1]}")
             return 0
         for path in chapters():
             print(path.relative_to(repo_root()))
