@@ -32,7 +32,6 @@ from __future__ import annotations
 import html
 import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
