@@ -377,3 +377,29 @@ def test_track_inverses_matches_the_toy_processes():
         assert abs(out["stale"]["error"][k] - ref) < 1e-8
     with pytest.raises(ValueError, match="inverses"):
         toy.track_inverses(B, {})
+
+
+def _zero_process(batches, rho, r, overwrite_at=()):
+    """Wrong: the all-zero estimate (rank 0, so eq. 11 alone cannot reject it)."""
+    proc = toy.bkfac_process(batches, rho, r, overwrite_at)
+    proc.b = [torch.zeros_like(b) for b in proc.b]
+    proc.mtilde = [torch.zeros_like(m) for m in proc.mtilde]
+    return proc
+
+
+def _half_batch_process(batches, rho, r, overwrite_at=()):
+    """Wrong: the b-kfac recursion fed every batch halved (M_k / sqrt(2))."""
+    return toy.bkfac_process([b / 2**0.5 for b in batches], rho, r, overwrite_at)
+
+
+@pytest.mark.parametrize("bad", [_zero_process, _half_batch_process])
+def test_prop_3_1_check_detects_a_process_of_bounded_rank_that_is_not_b_kfac(bad):
+    res = P.check_prop_3_1(**SMALL, process=bad)
+    assert res.statement("(10) M~_B,0 = M_0 M_0^T; M~_B,k = rho B_k-1 + (1-rho) M_k M_k^T").violations > 0
+    assert not res.holds
+    assert P.check_prop_3_1(**SMALL).holds  # the real process passes the same checks
+
+
+def test_prop_4_2_check_reports_a_zero_process_as_violations():
+    res = P.check_prop_4_2(**SMALL, process=_zero_process)
+    assert not res.holds and res.violations > 0

@@ -97,13 +97,17 @@ def _resolved_hyper(opt_name: str, hyper: dict, defaults=None) -> dict:
     return full
 
 
-def run_inputs(profile: Profile, run: str, seed: int, *, defaults: dict | None = None) -> dict:
+def run_inputs(profile: Profile, run: str, seed: int, *, defaults: dict | None = None,
+               epochs: int | None = None) -> dict:
     """The inputs of training run ``run`` of ``profile`` with ``seed`` (module docstring).
     ``defaults`` (``{optimizer: hyper-parameters}``) replaces today's paper defaults, to rebuild
-    the inputs of another commit (:func:`inputs_at_commit`)."""
+    the inputs of another commit (:func:`inputs_at_commit`); ``epochs`` is the epoch budget the
+    run was trained to when it is not the profile's (``bkfac train --epochs``)."""
     opt_name, hyper, label = profile.resolve_run(run)
     spec = profile.runs.get(run, {})
     train = {k: v for k, v in profile.train.items() if k != "seeds"}
+    if epochs is not None:
+        train["epochs"] = epochs
     return canonical(dict(
         profile=profile.name, data=profile.data, model=profile.model, train=train, run=run,
         optimizer=opt_name, hyper=_resolved_hyper(opt_name, hyper, defaults), lr_per_step=spec.get("lr_per_step"),

@@ -375,19 +375,27 @@ class _Batch:
         for job in self._jobs:
             typ, name, kind = job[:3]
             if typ == "id":
-                add(name, fro[job[3]] / fro[job[4]], self.instance, kind)
+                add(name, _relative(fro[job[3]], fro[job[4]]), self.instance, kind)
             elif typ == "psd":
-                add(name, max(-lam_min[job[3]], fro[job[4]]) / n_spec[job[5]], self.instance, kind)
+                add(name, _relative(max(-lam_min[job[3]], fro[job[4]]), n_spec[job[5]]), self.instance, kind)
             elif typ == "geq":
                 for norm in NORMS:
                     a, b, sc = (n_all[norm][j] for j in job[3:6])
-                    add(f"{name} [{norm}]", (b - a) / sc, self.instance, kind)
+                    add(f"{name} [{norm}]", _relative(b - a, sc), self.instance, kind)
             elif typ == "rank":
                 rank = int((rank_ok[job[3]] > 1e-9 * n_spec[job[5]]).sum())
                 add(name, float(rank - job[4]), self.instance, kind)
             else:
                 add(name, job[3], self.instance, kind)
         self._eig, self._fro, self._jobs = [], [], []
+
+
+def _relative(defect: float, scale: float) -> float:
+    """``defect / scale``; a zero scale (e.g. a zero process) gives 0 for no defect, else
+    ``+inf`` -- a violation, never a ``ZeroDivisionError``."""
+    if scale > 0:
+        return defect / scale
+    return 0.0 if defect <= 0 else math.inf
 
 
 ProcessFn = Callable[..., object]
@@ -438,6 +446,13 @@ def check_prop_3_1(
     ``rank(M~_{B,k}) <= r + n``, and the remark of Sec. 3.3 ("Why use ``M~_{B,k}``, not
     ``B_k``?"), ``||M_k - B_k|| >= ||M_k - M~_{B,k}||``.
 
+    The inequalities (11) hold for *any* estimate of rank at most ``r`` (resp. ``r + n``) by
+    Eckart-Young-Mirsky, so on their own they cannot tell b-kfac from, say, the zero process.
+    The check therefore also verifies that the process under test is the b-kfac process of
+    eq. (10) it claims to be: ``M~_{B,0} = M_0 M_0^T``,
+    ``M~_{B,k} = rho B_{k-1} + (1 - rho) M_k M_k^T`` and ``B_k`` the optimal rank-``r``
+    truncation of ``M~_{B,k}`` (Alg. 4 lines 3-4), each to relative ``tol``.
+
     ``process`` computes the b-kfac process (default :func:`bkfac.experiments.toy.bkfac_process`;
     the tests pass deliberately wrong ones to show the check can fail).
     """
@@ -452,8 +467,14 @@ def check_prop_3_1(
             Ms = ea_process(Bt, rho)
             proc = process(Bt, rho, r)
             tr = _truncations(Ms, (r, r + n))
+            tb = _truncations(proc.mtilde, (r,))[r]
             batch = _Batch(tally, idx)
             for k, Mk in enumerate(Ms):
+                MM = Bt[k] @ Bt[k].mT
+                carried = MM if k == 0 else rho * proc.b[k - 1] + (1.0 - rho) * MM
+                batch.identity("(10) M~_B,0 = M_0 M_0^T; M~_B,k = rho B_k-1 + (1-rho) M_k M_k^T",
+                               proc.mtilde[k], carried, Mk, kind="proof")
+                batch.identity("Alg. 4 l.3-4: B_k = rank-r truncation of M~_B,k", proc.b[k], tb[k], Mk, kind="proof")
                 batch.norm_geq("(11) ||M_k - B_k|| >= ||M_k - M~_R;k,r||", Mk - proc.b[k], Mk - tr[r][k], Mk)
                 batch.norm_geq("(11) ||M_k - M~_B,k|| >= ||M_k - M~_R;k,r+n||", Mk - proc.mtilde[k], Mk - tr[r + n][k], Mk)
                 batch.norm_geq("Sec. 3.3: ||M_k - B_k|| >= ||M_k - M~_B,k||", Mk - proc.b[k], Mk - proc.mtilde[k], Mk)

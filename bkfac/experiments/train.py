@@ -347,7 +347,7 @@ def _train(profile: Profile, run: str, *, seed: int, dev: torch.device, data_dir
     progress = progress and lead
     t = profile.train
     ckpt_path = out_dir / CHECKPOINT
-    inputs = run_inputs(profile, run, seed)
+    inputs = run_inputs(profile, run, seed, epochs=n_epochs)
     ihash = inputs_hash(inputs)
 
     partial = profile.data["n_train"] is not None or profile.data["n_test"] is not None
