@@ -526,3 +526,22 @@ def test_plot_spectrum_decay_and_its_rows():
     assert len(fig.axes) == 2 and len(fig.axes[0].get_lines()) == 2
     with pytest.raises(ValueError, match="empty"):
         es.plot_spectrum_decay([])
+
+
+def test_sec43_claims_verdicts_follow_the_orderings():
+    levels = {"b-r-kfac": (1, 1, 1, 1), "b-kfac-c": (2, 2, 2, 2), "b-kfac": (3, 3, 3, 3),
+              "r-kfac-5t": (4, 4, 4, 4), "r-kfac-1t": (0.5, 0.5, 0.5, 0.5), "r-kfac-30t": (3, 3, 3, 3),
+              "k-fac-5t": (2, 2, 2, 2)}
+    orderings = check_orderings(_synthetic_rows(levels, growth={"r-kfac-30t": 0.05}), 2)
+    rows = {r["claim"]: r for r in es.sec43_claims(orderings)}
+    assert set(rows) == set(es.SEC43_CLAIMS)
+    assert rows["b_r_below_r5"]["verdict"] == "reproduced" and rows["bc_between"]["verdict"] == "reproduced"
+    # make b-kfac-c worse than b-kfac in one window only: "partly"; in both: "not reproduced"
+    bad = dict(levels, **{"b-kfac-c": (5, 5, 5, 5)})
+    one = [r for r in _synthetic_rows(bad, growth={"r-kfac-30t": 0.05}) if r["window_epoch"] == 30] + \
+        [r for r in _synthetic_rows(levels, growth={"r-kfac-30t": 0.05}) if r["window_epoch"] == 15]
+    assert {r["claim"]: r for r in es.sec43_claims(check_orderings(one, 2))}["bc_between"]["verdict"] == "partly"
+    both = {r["claim"]: r for r in es.sec43_claims(check_orderings(_synthetic_rows(bad, growth={"r-kfac-30t": 0.05}), 2))}
+    assert both["bc_between"]["verdict"] == "not reproduced" and "1,2,3,4" in both["bc_between"]["fails_on_metrics"]
+    with pytest.raises(ValueError, match="no window"):
+        es.sec43_claims({})

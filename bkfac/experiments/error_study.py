@@ -161,6 +161,8 @@ __all__ = [
     "average_runs",
     "table1",
     "check_orderings",
+    "SEC43_CLAIMS",
+    "sec43_claims",
     "format_orderings",
     "plot_error_study",
     "plot_spectrum_decay",
@@ -1203,6 +1205,51 @@ def format_orderings(orderings: dict) -> str:
                 per.append(f"m{m}={'T' if v['holds'] else 'F'}{extra}")
             lines.append(f"  {claim:<22} {'HOLDS' if c['holds'] else 'fails':<6} " + " ".join(per))
     return "\n".join(lines)
+
+
+#: The observations of Sec. 4.3 that :func:`check_orderings` decides, in the paper's words.
+SEC43_CLAIMS: dict[str, str] = {
+    "b_r_below_r5": "performing a b-update is almost always better than performing no update in terms of all "
+                    "error metrics (b-r-kfac below r-kfac T_inv = 5t)",
+    "b_r_below_b": "when adding periodic rsvd overwritings to a b-kfac algorithm, the error is better "
+                   "(b-r-kfac below b-kfac)",
+    "bc_between": "the error of b-kfac-c lies in between the one of b-r-kfac and b-kfac",
+    "r5_close_to_k5": "the error of r-kfac (T_inv = 5t) is only mildly larger than the one of k-fac (T_inv = 5t)",
+    "r30_grows": "the error of r-kfac T_inv = 300 (no reset) grows fast",
+    "r30_exceeds_b_steady": "the step-related errors of no-reset r-kfac rapidly increase past the steady-state "
+                            "error of b-kfac",
+    "b_constant": "the error of b-kfac is fairly constant",
+}
+
+
+def sec43_claims(orderings: dict) -> list[dict]:
+    """One row per observation of Sec. 4.3 (:data:`SEC43_CLAIMS`) from :func:`check_orderings`'s
+    output: where it holds (``window: metrics``), and a verdict -- ``reproduced`` where it holds
+    in every window (on the metrics the claim is about), ``partly`` where in some, ``not
+    reproduced`` where in none."""
+    windows = [k for k in orderings if k.startswith("epoch_")]
+    if not windows:
+        raise ValueError("orderings hold no window (keys 'epoch_<e>')")
+    rows = []
+    for claim, text in SEC43_CLAIMS.items():
+        held, where, fails = [], [], []
+        for w in windows:
+            c = orderings[w].get(claim)
+            if c is None:
+                continue
+            held.append(bool(c["holds"]))
+            ms = [m for m in (1, 2, 3, 4) if f"metric{m}" in c and c[f"metric{m}"]["holds"]]
+            bad = [m for m in (1, 2, 3, 4) if f"metric{m}" in c and not c[f"metric{m}"]["holds"]]
+            label = w.replace("epoch_", "epoch ")
+            where.append(f"{label}: {','.join(map(str, ms)) or '-'}")
+            if bad:
+                fails.append(f"{label}: {','.join(map(str, bad))}")
+        if not held:
+            continue
+        verdict = "reproduced" if all(held) else ("partly" if any(held) else "not reproduced")
+        rows.append(dict(claim=claim, section="4.3", statement=text, holds_on_metrics="; ".join(where),
+                         fails_on_metrics="; ".join(fails) or "-", verdict=verdict))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------
