@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from bkfac import book
+from bkfac.quarto_md import QUARTO_TAG_OPTIONS
 
 ROOT = book.repo_root()
 CHAPTERS = book.chapters(ROOT)
@@ -311,20 +312,48 @@ def test_preview_renders_html_without_hidden_inputs(tmp_path):
     assert title.split(":")[0] in html
 
 
-def test_preview_hides_remove_input_cells(tmp_path, monkeypatch):
-    nb = nbformat.v4.new_notebook(cells=[
+def test_preview_hides_what_quarto_hides(tmp_path):
+    """The cell tags and options Quarto honours (``QUARTO_TAG_OPTIONS``, ``#| echo/include/output``)
+    hide the same parts in the preview; ``remove-input`` is not one of them (Quarto ignores it)."""
+    code = nbformat.v4.new_code_cell
+    out = nbformat.v4.new_output
+    cells = [
         nbformat.v4.new_raw_cell('---\ntitle: "T"\n---'),
-        nbformat.v4.new_code_cell("secret_source_line = 1", outputs=[nbformat.v4.new_output("stream", text="shown-output\n")]),
-        nbformat.v4.new_code_cell("#| echo: false\nanother_hidden = 2", outputs=[]),
-    ])
-    nb.cells[1].metadata["tags"] = ["remove-input"]
+        code("tagged_hide_code = 1", outputs=[out("stream", text="output-of-hide-code\n")]),
+        code("#| echo: false\noption_echo_false = 2", outputs=[out("stream", text="output-of-echo-false\n")]),
+        code("tagged_remove_cell = 3", outputs=[out("stream", text="output-of-remove-cell\n")]),
+        code("#| include: false\noption_include_false = 4", outputs=[out("stream", text="output-of-include-false\n")]),
+        code("#| output: false\noption_output_false = 5", outputs=[out("stream", text="output-of-output-false\n")]),
+        code("tagged_remove_input = 6", outputs=[out("stream", text="output-of-remove-input\n")]),
+    ]
+    cells[1].metadata["tags"] = ["hide-code"]
+    cells[3].metadata["tags"] = ["remove-cell"]
+    cells[6].metadata["tags"] = ["remove-input"]
     (tmp_path / "chapters").mkdir()
-    nbformat.write(nb, tmp_path / "chapters" / "t.ipynb")
+    nbformat.write(nbformat.v4.new_notebook(cells=cells), tmp_path / "chapters" / "t.ipynb")
     (tmp_path / "_quarto.yml").write_text("project: {type: book}\nbook:\n  chapters: [chapters/t.ipynb]\n")
     book.preview(tmp_path / "out", None, tmp_path)
     html = (tmp_path / "out" / "t.html").read_text(encoding="utf-8")
-    assert "shown-output" in html
-    assert "secret_source_line" not in html and "another_hidden" not in html
+    for shown in ("output-of-hide-code", "output-of-echo-false", "option_output_false", "tagged_remove_input",
+                  "output-of-remove-input"):
+        assert shown in html, shown
+    for hidden in ("tagged_hide_code", "option_echo_false", "tagged_remove_cell", "output-of-remove-cell",
+                   "option_include_false", "output-of-include-false", "output-of-output-false"):
+        assert hidden not in html, hidden
+
+
+def test_chapters_hide_cells_only_with_what_quarto_knows():
+    """Every cell tag of a chapter is one Quarto maps to a cell option or one of papermill's and
+    nbval's; tags from other tools (``remove-input``, ``hide-input``, ``remove-output``) would be
+    shown by Quarto as if absent."""
+    tools = {"parameters", "injected-parameters", "nbval-ignore-output", "nbval-check-output", "nbval-skip",
+             "nbval-raises-exception"}
+    for path in CHAPTERS:
+        for i, cell in enumerate(_nb(path)["cells"]):
+            for tag in cell["metadata"].get("tags", []):
+                assert tag in QUARTO_TAG_OPTIONS or tag in tools, (
+                    f"{path.name} cell {i}: tag {tag!r} is not one Quarto honours; use one of "
+                    f"{sorted(QUARTO_TAG_OPTIONS)} or a '#| echo/include/output: false' line")
 
 
 # ------------------------------------------------------------------------------------------
