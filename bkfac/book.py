@@ -119,6 +119,30 @@ def repo_root() -> Path:
     )
 
 
+def _relative_posix(path: str | os.PathLike, *bases: Path) -> str | None:
+    """``path`` (resolved) relative to the first of ``bases`` it lies under, as a POSIX path;
+    None when it lies under none."""
+    p = Path(path).resolve()
+    for base in bases:
+        base = Path(base).resolve()
+        if p.is_relative_to(base):
+            return p.relative_to(base).as_posix()
+    return None
+
+
+def display_path(path: str | os.PathLike, root: Path | None = None) -> str:
+    """``path`` as the commands print it: relative to the working directory where it lies under
+    it, else relative to the repository (``root``, default :func:`repo_root`) where it lies
+    there, else as given -- so printed lines and the logs that keep them name no directory of
+    the machine above the repository."""
+    bases = [Path.cwd()]
+    try:
+        bases.append(Path(root or repo_root()))
+    except FileNotFoundError:  # an installed package run outside any checkout
+        pass
+    return _relative_posix(path, *bases) or str(path)
+
+
 def _quarto_config(root: Path) -> dict:
     path = root / "_quarto.yml"
     with open(path, encoding="utf-8") as fh:
@@ -481,7 +505,10 @@ def execute_chapter(path: Path, profile: str, out_path: Path, root: Path | None 
     Kernel :data:`KERNEL`, working directory ``chapters/``. The result is written to a
     temporary file under ``.nbrun/tmp/`` and moved into place only on success, so a failing
     run never replaces a committed notebook; the failed notebook is kept under
-    ``.nbrun/failed/<profile>/`` for inspection and the papermill error is re-raised.
+    ``.nbrun/failed/<profile>/`` for inspection and the papermill error is re-raised. The
+    notebook's ``papermill.input_path``/``output_path`` metadata name ``path`` and ``out_path``
+    relative to the repository (absolute only outside it), never the scratch file or the
+    machine's directories.
     """
     import papermill as pm
 
@@ -509,9 +536,23 @@ def execute_chapter(path: Path, profile: str, out_path: Path, root: Path | None 
         if Path(tmp).exists():
             os.replace(tmp, failed)
         raise
+    _record_repo_paths(Path(tmp), path, out_path, root)
     os.chmod(tmp, _umask_mode())
     os.replace(tmp, out_path)
     return time.perf_counter() - t0
+
+
+def _record_repo_paths(notebook: Path, input_path: Path, output_path: Path, root: Path) -> None:
+    """Papermill's ``input_path``/``output_path`` in ``notebook``'s metadata rewritten as paths
+    relative to the repository ``root`` (absolute only for a file outside it), so an executed
+    chapter records no directory of the machine that ran it."""
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=nbformat.NO_CONVERT)
+    meta = nb.metadata.setdefault("papermill", {})
+    for key, where in (("input_path", input_path), ("output_path", output_path)):
+        meta[key] = _relative_posix(where, root) or str(Path(where).resolve())
+    nbformat.write(nb, notebook)
 
 
 def prepare(profile: str, out_dir: str | os.PathLike, chapters_: Sequence[str] | None = None,

@@ -21,7 +21,8 @@ def _read(path):
         return reader.fieldnames, list(reader)
 
 
-def test_bench_linalg_quick(tmp_path, capsys):
+def test_bench_linalg_quick(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     rc = main(["bench", "linalg", "--quick", "--repeats", "1", "--out", str(tmp_path)])
     assert rc == 0
     cols, rows = _read(tmp_path / "linalg.csv")
@@ -51,6 +52,8 @@ def test_bench_linalg_quick(tmp_path, capsys):
     assert (tmp_path / "linalg.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "float32 (what training uses)" in out and "log-log slope" in out
+    # the files written are named relative to the working directory, not by the machine's directories
+    assert "wrote linalg.csv, linalg_slopes.csv, linalg_targets.csv, linalg.png" in out and str(tmp_path) not in out
 
 
 def test_bench_apply_quick(tmp_path):

@@ -410,3 +410,39 @@ def test_reproduce_executes_in_place_or_into_nbrun_and_survives_a_failure(tmp_pa
     assert "100" in "".join(_nb(tmp_path / "chapters" / "ok.ipynb")["cells"][-1]["outputs"][0]["text"])
     assert (tmp_path / "chapters" / "bad.ipynb").read_text() == bad_before  # never half-replaced
     assert (tmp_path / ".nbrun" / "failed" / "cpu" / "bad.ipynb").is_file()
+    # papermill's recorded paths are the repository's, not the scratch file's or the machine's
+    for executed, out_rel in ((tmp_path / ".nbrun" / "smoke" / "ok.ipynb", ".nbrun/smoke/ok.ipynb"),
+                              (tmp_path / "chapters" / "ok.ipynb", "chapters/ok.ipynb")):
+        meta = _nb(executed)["metadata"]["papermill"]
+        assert (meta["input_path"], meta["output_path"]) == ("chapters/ok.ipynb", out_rel)
+        assert str(tmp_path) not in executed.read_text(encoding="utf-8")
+
+
+def test_executed_notebook_records_repository_relative_paths(tmp_path):
+    root = tmp_path / "repo"
+    (root / "chapters").mkdir(parents=True)
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")])
+    scratch = root / ".nbrun" / "tmp" / "c.abc123.ipynb"  # what papermill records: absolute paths
+    nb.metadata["papermill"] = {"input_path": str(root / "chapters" / "c.ipynb"), "output_path": str(scratch),
+                                "parameters": {"profile": "cpu"}}
+    nb_file = tmp_path / "executed.ipynb"
+    nbformat.write(nb, nb_file)
+    book._record_repo_paths(nb_file, root / "chapters" / "c.ipynb", root / "chapters" / "c.ipynb", root)
+    meta = _nb(nb_file)["metadata"]["papermill"]
+    assert (meta["input_path"], meta["output_path"]) == ("chapters/c.ipynb", "chapters/c.ipynb")
+    assert meta["parameters"] == {"profile": "cpu"} and str(tmp_path) not in nb_file.read_text(encoding="utf-8")
+    outside = tmp_path / "elsewhere" / "c.ipynb"  # a notebook written outside the repository keeps its place
+    book._record_repo_paths(nb_file, root / "chapters" / "c.ipynb", outside, root)
+    assert _nb(nb_file)["metadata"]["papermill"]["output_path"] == str(outside.resolve())
+
+
+def test_display_path_is_relative_to_the_working_directory_or_the_repository(tmp_path, monkeypatch):
+    root, other = tmp_path / "repo", tmp_path / "other"
+    (root / "data" / "results").mkdir(parents=True)
+    other.mkdir()
+    monkeypatch.chdir(root / "data")
+    assert book.display_path(root / "data" / "results" / "x.csv", root) == "results/x.csv"
+    assert book.display_path(root / "data", root) == "."
+    monkeypatch.chdir(other)
+    assert book.display_path(root / "data" / "results" / "x.csv", root) == "data/results/x.csv"
+    assert book.display_path(tmp_path / "elsewhere.csv", root) == str(tmp_path / "elsewhere.csv")

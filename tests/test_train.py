@@ -63,11 +63,12 @@ def test_every_optimizer_trains_on_smoke_and_writes_results(run, fake_data, tmp_
     assert (out / "checkpoint.pt").exists()
 
 
-def test_synthetic_data_run_never_reads_cifar_and_writes_apart(tmp_path, monkeypatch):
+def test_synthetic_data_run_never_reads_cifar_and_writes_apart(tmp_path, monkeypatch, capsys):
     def refuse(*a, **kw):
         raise AssertionError("--synthetic-data must not load CIFAR-10")
 
     monkeypatch.setattr(train_mod, "load_cifar10", refuse)
+    monkeypatch.chdir(tmp_path)
     rc = main(["train", "--profile", "smoke", "--optimizer", "b-kfac", "--out", str(tmp_path), "--quiet",
                "--epochs", "1", "--synthetic-data"])
     assert rc == 0
@@ -77,6 +78,8 @@ def test_synthetic_data_run_never_reads_cifar_and_writes_apart(tmp_path, monkeyp
     assert summary["data"].startswith("synthetic") and summary["epochs_run"] == 1
     assert summary["batches_per_epoch"] == 10  # the smoke profile's 640 images in batches of 64
     assert float(read_csv(out / "history.csv")[0]["t_statistics"]) > 0
+    printed = capsys.readouterr().out  # the run folder named relative to the working directory
+    assert "s -> smoke-synthetic/b-kfac/seed0" in printed and str(tmp_path) not in printed
 
 
 def test_resume_after_interruption_gives_the_same_numbers(fake_data, tmp_path):

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ..book import display_path
 from ..linalg import kfac_precondition, linear_time_factors
 from .common import (
     format_table,
@@ -238,5 +239,5 @@ def main(args: argparse.Namespace) -> int:
     if not getattr(args, "no_figure", False):
         written.append(plot_apply(rows, out / "apply.png",
                                   title=f"Alg. 8 vs standard application ({args.dtype}, {info['device_name']})"))
-    print(f"wrote {', '.join(str(p) for p in written)} in {time.perf_counter() - t0:.0f}s")
+    print(f"wrote {', '.join(display_path(p) for p in written)} in {time.perf_counter() - t0:.0f}s")
     return 0

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from ..book import display_path
 from .common import format_table, load_average, machine_info, resolve_device, resolve_dtype, write_csv_atomic
 
 __all__ = ["main", "bench_distributed", "ROW_COLUMNS", "METHODS"]
@@ -197,5 +198,5 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     path = write_csv_atomic(out / "distributed.csv", rows, ROW_COLUMNS)
     print(f"load average after the run: {load_average()}")
-    print(f"wrote {path} in {time.perf_counter() - t0:.0f}s")
+    print(f"wrote {display_path(path)} in {time.perf_counter() - t0:.0f}s")
     return 0

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from ..book import display_path
 from ..linalg import brand_update, rsvd, safe_eigh, srevd, truncate
 from .common import (
     format_table,
@@ -314,5 +315,5 @@ def main(args: argparse.Namespace) -> int:
     if not getattr(args, "no_figure", False):
         written.append(plot_linalg(rows, slopes, out / "linalg.png",
                                    title=f"B-update vs RSVD/SREVD/eigh ({args.dtype}, {info['device_name']})"))
-    print("wrote " + ", ".join(str(p) for p in written))
+    print("wrote " + ", ".join(display_path(p) for p in written))
     return 0

@@ -60,6 +60,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..book import display_path
 from .common import (
     format_table,
     load_average,
@@ -339,7 +340,7 @@ def main(args: argparse.Namespace) -> int:
     written = [write_csv_atomic(out / "peer.csv", rows, TIMING_COLUMNS),
                write_csv_atomic(out / "peer_factors.csv", factors, FACTOR_COLUMNS),
                write_csv_atomic(out / "peer_targets.csv", targets, TARGET_COLUMNS)]
-    print(f"wrote {', '.join(str(p) for p in written)} in {time.perf_counter() - t0:.0f}s")
+    print(f"wrote {', '.join(display_path(p) for p in written)} in {time.perf_counter() - t0:.0f}s")
     return 0
 
 

@@ -63,6 +63,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..book import display_path
 from .common import (
     format_table,
     load_average,
@@ -441,7 +442,7 @@ def main(args: argparse.Namespace) -> int:
     if not getattr(args, "no_figure", False):
         written.append(plot_step(summary, out / "step.png",
                                  title=f"Time per epoch by phase, profile {profile.name} ({info['device_name']})"))
-    print(f"wrote {', '.join(str(p) for p in written)} in {time.perf_counter() - t0:.0f}s")
+    print(f"wrote {', '.join(display_path(p) for p in written)} in {time.perf_counter() - t0:.0f}s")
     return 0
 
 

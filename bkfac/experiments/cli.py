@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..book import display_path
 from .profiles import PROFILES, load_profile
 
 __all__ = ["add_train_args", "run_train", "add_error_study_args", "run_error_study"]
@@ -83,7 +84,7 @@ def run_train(args) -> int:
                             synthetic_data=args.synthetic_data)
             s = res.summary
             print(f"{res.label}: final test acc {s.get('final_test_acc', float('nan')):.4f}, "
-                  f"t_epoch {s.get('t_epoch_mean', float('nan')):.1f} s -> {res.out_dir}")
+                  f"t_epoch {s.get('t_epoch_mean', float('nan')):.1f} s -> {display_path(res.out_dir)}")
     return 0
 
 
