@@ -1633,7 +1633,7 @@ def run_error_study(
         write_csv(sdir / "rows.csv", rows, _RUN_COLS)
         if diag.get("spectrum"):
             write_csv(sdir / "spectrum.csv", diag.pop("spectrum"))
-        write_json(run_file, dict(inputs_hash=key, seed=s, diag=diag, provenance=provenance(dev)))
+        write_json(run_file, dict(inputs=seed_inputs, inputs_hash=key, seed=s, diag=diag, provenance=provenance(dev)))
         (sdir / "checkpoint.pt").unlink(missing_ok=True)
         all_rows += rows
         diags.append(diag)

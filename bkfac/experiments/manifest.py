@@ -394,8 +394,8 @@ def error_study_status(profile: Profile, root: str | os.PathLike) -> list[Result
             rs.state, rs.provenance = "done", run.get("provenance")
             provs.append(rs.provenance)
             rs.info["seconds"] = (run.get("diag") or {}).get("seconds", {}).get("total")
-            recorded = None
-            if config and config.get("inputs") is not None:
+            recorded = run.get("inputs")
+            if recorded is None and config and config.get("inputs") is not None:
                 cand = dict(config["inputs"], seeds=[s])
                 recorded = cand if inputs_hash(cand) == run.get("inputs_hash") else None
             rs.match, rs.keys = _compare(recorded, run.get("inputs_hash"), expected)
