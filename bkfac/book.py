@@ -548,11 +548,11 @@ def _record_repo_paths(notebook: Path, input_path: Path, output_path: Path, root
     chapter records no directory of the machine that ran it."""
     import nbformat
 
-    nb = nbformat.read(notebook, as_version=nbformat.NO_CONVERT)
+    nb = nbformat.reads(Path(notebook).read_text(encoding="utf-8"), as_version=nbformat.NO_CONVERT)
     meta = nb.metadata.setdefault("papermill", {})
     for key, where in (("input_path", input_path), ("output_path", output_path)):
         meta[key] = _relative_posix(where, root) or str(Path(where).resolve())
-    nbformat.write(nb, notebook)
+    Path(notebook).write_text(nbformat.writes(nb), encoding="utf-8")  # as papermill writes it
 
 
 def prepare(profile: str, out_dir: str | os.PathLike, chapters_: Sequence[str] | None = None,
