@@ -1,4 +1,5 @@
-"""k-fac's fast paths (PERFORMANCE.md, changes 1-3) against the reference computations, float64.
+"""k-fac's fast paths (commit 4d7939d: one-copy outer-product statistics, the cached dense damped
+inverse, the Cholesky inverse) against the reference computations, float64.
 
 - the dense damped inverse of a full-rank eigh representation equals the low-rank application;
 - ``lambda_max`` (power iteration) against ``eigh``;

@@ -127,8 +127,8 @@ class LayerCapture:
         """Conv patches as a view ``(C_in, kh, kw, n, H_out, W_out)`` of the padded input.
 
         ``Tensor.unfold`` views instead of ``F.unfold``: the caller then makes the only copy,
-        straight into the ``(d, N)`` layout (PERFORMANCE.md, change 1). ``None`` for
-        dilation != 1, where ``F.unfold`` is used.
+        straight into the ``(d, N)`` layout (the one-copy statistics of commit 4d7939d).
+        ``None`` for dilation != 1, where ``F.unfold`` is used.
         """
         m = self.module
         if tuple(m.dilation) != (1, 1):
@@ -229,7 +229,7 @@ class LayerCapture:
 
     def batch_outer_A(self, dtype=None) -> Tensor:
         """``A_k A_k^T`` (d_A x d_A) without forming ``A_k``: one copy of the patches, one GEMM,
-        the bias row and column from the column sums (PERFORMANCE.md, change 1)."""
+        the bias row and column from the column sums (the one-copy statistics of commit 4d7939d)."""
         x = self._inputs(dtype)
         X = self._input_cols(x)
         D, N = X.shape

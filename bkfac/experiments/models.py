@@ -239,7 +239,8 @@ def build_model(spec: str | Mapping[str, Any]) -> nn.Module:
 
     The mapping may also say ``channels_last: true``: the model's 4-d tensors are then stored
     ``torch.channels_last`` (NHWC). The arithmetic is the same; oneDNN's CPU convolutions are
-    faster on it (13-16 % per training step on the ``cpu`` model, one thread; PERFORMANCE.md),
+    faster on it (13-16 % per training step on the ``cpu`` model, one thread, when the option was
+    added: PERFORMANCE.md as of commit 6059419),
     and convolutions turn an NCHW input into NHWC themselves.
     """
     channels_last = False

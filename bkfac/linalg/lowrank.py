@@ -50,8 +50,8 @@ def gram(X: Tensor) -> Tensor:
     With ``k`` row blocks this is ``k (k + 1) / 2`` of ``k^2`` block products: 62.5 % of the
     flops at ``k = 4`` (d >= 512), 75 % at ``k = 2`` (d >= 256). The K-factor statistics of
     convolutions (``d`` in the hundreds, ``N = n H W`` in the tens of thousands) are such
-    products (PERFORMANCE.md, change 4). Narrow or small ``X`` gets one GEMM. Symmetric up
-    to the rounding of the diagonal blocks, like ``X @ X.mT``.
+    products (the statistics use it since commit 1966bfe). Narrow or small ``X`` gets one GEMM.
+    Symmetric up to the rounding of the diagonal blocks, like ``X @ X.mT``.
     """
     D, N = X.shape
     k = 4 if D >= 512 else 2 if D >= 256 else 1
