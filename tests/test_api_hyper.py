@@ -113,11 +113,6 @@ UNUSED = [(n, k) for n in NAMES for k in sorted({k for m in NAMES for k in hyper
 def test_unused_hyper_parameter_names_the_method(name, key):
     value = _valid_value(key)
     cls = optimizer_class(name)
-    if key in cls._accepted_unused:  # k-fac and the family's low-rank settings: a warning
-        for build in (lambda: make_optimizer(name, model(), **{key: value}), lambda: cls(model(), **{key: value})):
-            with pytest.warns(UserWarning, match=rf"^{re.escape(name)} does not use {key}\b.*ignored"):
-                build()
-        return
     with pytest.raises(ValueError, match=rf"^{re.escape(name)} does not use {key}\b"):
         check_hyper(name, {key: value})
     if key == "loader":  # make_optimizer's own argument: SENG's schedule length, no other method needs it
@@ -138,7 +133,7 @@ def test_the_issue_examples():
         bkfac.BKFACC(model(), t_brand=10, t_corct=25)
     with pytest.raises(ValueError, match="phi_crc must lie in"):
         make_optimizer("b-kfac-c", model(), phi_crc=1.5)
-    with pytest.warns(UserWarning, match="k-fac does not use rank"):
+    with pytest.raises(ValueError, match="k-fac does not use rank: k-fac keeps full-rank representations"):
         make_optimizer("k-fac", model(), rank=64)
     with pytest.raises(ValueError, match=r"r-kfac does not use t_brand \(a hyper-parameter of b-kfac, b-r-kfac, b-kfac-c\)"):
         make_optimizer("r-kfac", model(), t_brand=5)

@@ -297,7 +297,6 @@ class SENG(torch.optim.Optimizer):
 
     algorithm = "seng"
     _unused: dict = {}
-    _accepted_unused: dict = {}
 
     def __init__(
         self,

@@ -90,10 +90,9 @@ def _worker(rank: int, cfg: dict) -> list[dict]:
             else:
                 comm = TorchDistributedComm()
                 extra = {"b-kfac": dict(t_brand=1), "b-r-kfac": dict(t_brand=1, t_rsvd=1)}.get(method, {})
+                low_rank = {k: cfg[k] for k in ("rank", "oversample", "power_iters") if k in bkfac.hyper_names(method)}
                 opt = bkfac.make_optimizer(method, net, defaults=None, comm=comm, lr=0.01, t_updt=1, t_inv=1,
-                                           rank=cfg["rank"], oversample=cfg["oversample"],
-                                           power_iters=cfg["power_iters"], sync_timer=device.type == "cuda",
-                                           **extra)
+                                           sync_timer=device.type == "cuda", **low_rank, **extra)
         samples: list[dict] = []
         for k in range(cfg["warmup"] + cfg["steps"]):
             x = xs[k % n_batches, rank * local:(rank + 1) * local]

@@ -112,7 +112,7 @@ class Profile:
     def resolve_run(self, name: str) -> tuple[str, dict, str]:
         """``(optimizer name, hyper-parameters, label)`` of run ``name`` (a run of the profile
         or a plain optimizer name)."""
-        from ..optim.factory import _normalise
+        from ..optim.factory import _normalise, hyper_names
 
         runs = self.raw["runs"]
         if name not in runs:
@@ -128,8 +128,9 @@ class Profile:
             spec = runs[name]
         opt = spec["optimizer"]
         hyper = {}
-        if opt in KFAC_NAMES:
-            hyper.update(copy.deepcopy(self.raw["kfac"]))
+        if opt in KFAC_NAMES:  # the family's shared settings, where the method uses them
+            used = hyper_names(opt)
+            hyper.update(copy.deepcopy({k: v for k, v in self.raw["kfac"].items() if k in used}))
         hyper.update(copy.deepcopy(spec.get("hyper", {})))
         return opt, hyper, spec.get("label", name)
 

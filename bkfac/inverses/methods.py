@@ -100,7 +100,7 @@ class FactorInverse:
             self._update_dense(batch)
 
     #: True for methods that only need ``M_k M_k^T`` (not ``M_k``): the optimizer may then
-    #: hand :meth:`observe_outer` the product, built without forming ``M_k`` (PERFORMANCE.md 1).
+    #: hand :meth:`observe_outer` the product, built without forming ``M_k`` (the one-copy statistics of commit 4d7939d).
     accepts_outer = False
 
     def observe_outer(self, k: int, outer: Tensor) -> None:
@@ -248,7 +248,7 @@ class EighInverse(_Recompute, FactorInverse):
 
     The representation is full rank, so the damped inverse is also kept as one dense matrix
     ``U diag(1 / (d + lam)) U^T``, formed once per representation and damping: the k-fac
-    step is then two GEMMs instead of four (PERFORMANCE.md, change 2). Spectrum continuation
+    step is then two GEMMs instead of four (commit 4d7939d). Spectrum continuation
     is the identity on a full-rank representation, so the dense inverse is the same operator.
     """
 
@@ -286,7 +286,7 @@ class CholeskyInverse(_Recompute, FactorInverse):
     eigenvalue estimated by warm-started power iteration (:func:`~bkfac.linalg.lambda_max`);
     the damped inverse ``(snapshot + lam I)^{-1}``, ``lam = max(phi * lambda_max, min_damping)``
     as in the paper's k-fac, then comes from ``cholesky`` + ``cholesky_inverse`` at about
-    ``d^3`` flops against ``eigh``'s ~``9 d^3`` (PERFORMANCE.md, change 3). It is the same
+    ``d^3`` flops against ``eigh``'s ~``9 d^3`` (commit 4d7939d). It is the same
     operator as :class:`EighInverse`'s up to the power iteration's tolerance on lambda_max
     (``rtol``), which only moves the damping. There is no eigen-representation:
     :meth:`representation` raises, so the error study and the spectrum-based tools use

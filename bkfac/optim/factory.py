@@ -17,17 +17,14 @@ Hyper-parameters are checked before anything is built, without a model
 ``t_rsvd``/``t_corct`` not a multiple of ``t_brand``, ``phi_crc`` outside (0, 1], or a
 hyper-parameter the method does not use (``make_optimizer("r-kfac", model, t_brand=5)``)
 raise ``ValueError`` naming the argument and, for an unused one, the method.
-:func:`hyper_names` lists what a method uses. One exception: k-fac accepts ``rank``,
-``oversample`` and ``power_iters`` with a ``UserWarning`` ("k-fac does not use rank ...;
-it is ignored") instead of an error, because a run profile's shared ``kfac`` section
-(:mod:`bkfac.experiments.profiles`) gives them to every K-FAC run, k-fac included.
+:func:`hyper_names` lists what a method uses (a run profile's shared ``kfac`` section is
+applied to each K-FAC run where the method uses it).
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-import warnings
 
 import torch.nn as nn
 
@@ -142,9 +139,7 @@ def make_optimizer(name: str, model: nn.Module, *, defaults: str | None = "paper
     len(loader)``), the other optimizers have no per-iteration schedule and do not use it.
     """
     key = _normalise(name)
-    with warnings.catch_warnings():  # the class warns itself, once, for what it accepts but ignores
-        warnings.simplefilter("ignore", UserWarning)
-        check_hyper(key, hyper)
+    check_hyper(key, hyper)
     kw = resolve_hyper(key, hyper, defaults)
     if key == "seng" and loader is not None:
         kw["loader"] = loader

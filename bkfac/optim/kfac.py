@@ -398,16 +398,11 @@ class KFactor:
 
 def check_names(cls, hyper: dict) -> None:
     """Every key of ``hyper`` must be a hyper-parameter optimizer class ``cls`` uses: else
-    ``ValueError`` naming the key and the method (and which methods do use it). Keys in
-    ``cls._accepted_unused`` only warn (module docstring of :mod:`bkfac.optim.factory`)."""
+    ``ValueError`` naming the key and the method (and which methods do use it)."""
     used = cls.hyper_parameters()
     alg = cls.algorithm
     for key in hyper:
         if key in used:
-            continue
-        if key in cls._accepted_unused:
-            warnings.warn(f"{alg} does not use {key}: {cls._accepted_unused[key]}; it is ignored", UserWarning,
-                          stacklevel=4)
             continue
         if key in cls._unused:
             raise ValueError(f"{alg} does not use {key}: {cls._unused[key]}")
@@ -468,8 +463,6 @@ class KFACFamily(torch.optim.Optimizer):
     algorithm = "k-fac-family"
     #: hyper-parameters of the family this method does not use: ``{name: why}`` (an error)
     _unused: dict = {}
-    #: ... that it accepts with a warning (see :mod:`bkfac.optim.factory`)
-    _accepted_unused: dict = {}
 
     def __init__(
         self,
@@ -563,7 +556,7 @@ class KFACFamily(torch.optim.Optimizer):
     def hyper_parameters(cls) -> dict:
         """``{name: class default}`` of every keyword argument this method uses."""
         out = signature_defaults(KFACFamily.__init__, cls.__init__)
-        for key in (*cls._unused, *cls._accepted_unused):
+        for key in cls._unused:
             out.pop(key, None)
         return out
 
@@ -1180,14 +1173,14 @@ class KFAC(KFACFamily):
     iteration's tolerance, at a fraction of ``eigh``'s cost -- what other K-FAC
     implementations do. ``"eigh"`` (default) is the paper's and keeps the spectrum.
 
-    k-fac does not use ``spectrum_continuation``, ``policy`` or ``linear_time`` (an error);
-    ``rank``, ``oversample`` and ``power_iters`` are accepted with a ``UserWarning`` and ignored.
+    k-fac does not use ``rank``, ``oversample``, ``power_iters``, ``spectrum_continuation``,
+    ``policy`` or ``linear_time`` (an error).
     """
 
     algorithm = "k-fac"
-    _unused = {**_NO_BRAND, "spectrum_continuation": "it is the identity on k-fac's full-rank representations"}
-    _accepted_unused = {key: "k-fac keeps full-rank representations (it is a setting of r-kfac, sre-kfac and "
-                             "the b-variants)" for key in ("rank", "oversample", "power_iters")}
+    _unused = {**_NO_BRAND, "spectrum_continuation": "it is the identity on k-fac's full-rank representations",
+               **{key: "k-fac keeps full-rank representations (it is a setting of r-kfac, sre-kfac and the "
+                       "b-variants)" for key in ("rank", "oversample", "power_iters")}}
 
     def __init__(self, model, *, inverse: str = "eigh", **kw):
         self._check_given(dict(inverse=inverse, **kw))

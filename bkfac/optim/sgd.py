@@ -48,7 +48,6 @@ class SGD(torch.optim.SGD):
 
     algorithm = "sgd"
     _unused: dict = {}
-    _accepted_unused: dict = {}
 
     def __init__(self, model: nn.Module, *, lr=0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
                  nesterov: bool = False, lr_schedule=None, params=None, timer: bool = True,
