@@ -1417,7 +1417,7 @@ def _trajectory(profile: Profile, seed: int, *, dev: torch.device, data_dir, dri
     With ``checkpoint``, the trajectory's state (model, driver, stream, rows so far) is saved
     atomically at each epoch boundary where no window is open, and a matching checkpoint
     (same ``inputs_key``) is resumed from: the rows are those of the uninterrupted run."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text progress: the same in a terminal and a notebook's output
 
     from .results import atomic_torch_save
 

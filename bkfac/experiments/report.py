@@ -230,7 +230,7 @@ def _t_epoch_estimate(rs) -> float | None:
 
 def _hours(seconds: float | None) -> str:
     if seconds is None:
-        return "time unknown (nothing stored to estimate it from)"
+        return "no stored time to estimate from"
     return f"about {seconds / 3600:.1f} h" if seconds >= 3600 else f"about {max(1.0, seconds / 60):.0f} min"
 
 

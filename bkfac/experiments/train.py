@@ -336,7 +336,7 @@ def train_run(
 def _train(profile: Profile, run: str, *, seed: int, dev: torch.device, data_dir, out_dir: Path, resume: bool,
            n_epochs: int, progress: bool, stop_after_batches: int | None, synthetic_data: bool) -> RunResult:
     """The training of :func:`train_run` once the run folder is checked (and, on rank 0, owned)."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text progress: the same in a terminal and a notebook's output
 
     import torch.distributed as tdist
 
