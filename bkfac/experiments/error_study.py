@@ -132,7 +132,7 @@ from ..inverses import (
     RSVDInverse,
 )
 from ..linalg import brand_update, rsvd, spectrum_continuation
-from ..optim.factory import make_optimizer, paper_defaults
+from ..optim.factory import make_optimizer, resolve_hyper
 from ..optim.schedules import as_schedule
 from .data import load_cifar10, make_loaders, subset
 from .models import build_model
@@ -1385,12 +1385,9 @@ class ErrorStudyResult:
 
 
 def _kfac_hyper(profile: Profile, name: str) -> dict:
+    """Run ``name``'s hyper-parameters as the optimizer is built with them."""
     opt, hyper, _ = profile.resolve_run(name)
-    full = paper_defaults(opt)
-    if "lr" in hyper and "lr_schedule" not in hyper:
-        full.pop("lr_schedule", None)
-    full.update(hyper)
-    return full
+    return resolve_hyper(opt, hyper)
 
 
 def _window_starts(window_epochs: Sequence[int], batches: int, stream: StudyStream) -> dict[int, int]:

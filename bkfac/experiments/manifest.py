@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from ..optim.factory import paper_defaults
+from ..optim.factory import resolve_hyper
 from ..optim.schedules import EpochSchedule
 from .profiles import KFAC_NAMES, Profile
 
@@ -88,13 +88,13 @@ def inputs_hash(inputs: dict) -> str:
 
 
 def _resolved_hyper(opt_name: str, hyper: dict, defaults=None) -> dict:
-    """The hyper-parameters the optimizer is built with (``make_optimizer(defaults="paper")``);
+    """The hyper-parameters the optimizer is built with (:func:`~bkfac.optim.factory.resolve_hyper`);
     ``defaults``: another ``{optimizer: defaults}`` than today's :func:`paper_defaults`."""
-    full = dict(defaults[opt_name]) if defaults is not None else paper_defaults(opt_name)
-    if "lr" in hyper and "lr_schedule" not in hyper:
-        full.pop("lr_schedule", None)
-    full.update(hyper)
-    return full
+    if defaults is None:
+        return resolve_hyper(opt_name, hyper)
+    return {**resolve_hyper(opt_name, hyper, defaults=None), **{
+        k: v for k, v in defaults[opt_name].items()
+        if k not in hyper and not (k == "lr_schedule" and "lr" in hyper)}}
 
 
 def run_inputs(profile: Profile, run: str, seed: int, *, defaults: dict | None = None,
