@@ -129,7 +129,6 @@ from ..inverses import (
     BrandInverse,
     EighInverse,
     FactorInverse,
-    RSVDInverse,
 )
 from ..linalg import brand_update, rsvd, spectrum_continuation
 from ..optim.factory import make_optimizer, resolve_hyper
@@ -809,6 +808,8 @@ class StudyStream:
                  seed: int = 0, generators: dict | None = None, **window_kw):
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive integer, got {window!r}")
+        if "rho" not in window_kw:
+            raise ValueError("rho (the EA decay of eq. 5) is required")
         self.t = t_updt
         self.window = window
         self.algorithms = tuple(algorithms)
@@ -844,12 +845,9 @@ class StudyStream:
         seconds: dict[str, float] = {}
         new = None
         if stats:
-            new = {f: _ea_update(self.ea[f], X, self.window_kw.get("rho", 0.95)) for f, X in (("A", A), ("G", G))}
+            new = {f: _ea_update(self.ea[f], X, self.window_kw["rho"]) for f, X in (("A", A), ("G", G))}
             if self.history is None:
-                kw = {n: self.window_kw[n] for n in ("rho", "rank", "oversample", "power_iters")}
-                self.history = HistoryShadows(self.algorithms, A.shape[0], G.shape[0], t_updt=self.t, epoch=epoch,
-                                              seed=self.seed, dtype=A.dtype, device=A.device,
-                                              generators=self.generators, **kw)
+                self.history = self._new_history((A.shape[0], G.shape[0]), A.dtype, A.device, epoch)
             seconds = self.history.advance(k, {"A": A, "G": G}, new, epoch)
         if start is not None:
             if start in self.active:
@@ -883,12 +881,15 @@ class StudyStream:
             raise RuntimeError("the stream's state is saved between windows only")
         return {"k": self.k, "ea": self.ea, "history": None if self.history is None else self.history.state_dict()}
 
+    def _new_history(self, dims: tuple[int, int], dtype, device, epoch: int) -> HistoryShadows:
+        kw = {n: self.window_kw[n] for n in ("rho", "rank", "oversample", "power_iters")}
+        return HistoryShadows(self.algorithms, *dims, t_updt=self.t, epoch=epoch, seed=self.seed, dtype=dtype,
+                              device=device, generators=self.generators, **kw)
+
     def load_state_dict(self, state: dict, dims: tuple[int, int], dtype, device=None, epoch: int = 1) -> None:
         self.k, self.ea = state["k"], state["ea"]
         if state["history"] is not None:
-            kw = {n: self.window_kw[n] for n in ("rho", "rank", "oversample", "power_iters")}
-            self.history = HistoryShadows(self.algorithms, *dims, t_updt=self.t, epoch=epoch, seed=self.seed,
-                                          dtype=dtype, device=device, generators=self.generators, **kw)
+            self.history = self._new_history(dims, dtype, device, epoch)
             self.history.load_state_dict(state["history"])
 
 
