@@ -39,6 +39,7 @@ BAD = {
     "spectrum_continuation": [1, "yes"],
     "linear_time": ["yes"],
     "policy": ["first", None],
+    "factor_init": ["eye", None, 1],
     "min_damping": [0.0, -1.0],
     "seed": [1.5, "0"],
     "factor_dtype": [torch.int32, "float64"],

@@ -191,7 +191,7 @@ def test_the_committed_cpu_results_are_current_or_say_why():
             if r.match == "unknown":
                 assert r.detail
     done = {r.result: r for r in rows if r.state == "done" and r.kind == "run"}
-    for run in ("sgd", "seng", "k-fac", "r-kfac", "r-kfac-tinv25"):  # backfilled: inputs proven equal
+    for run in ("sgd", "k-fac", "r-kfac", "r-kfac-tinv25"):  # backfilled: inputs proven equal
         r = done[f"cpu/{run}/seed0"]
         assert r.match == "current", r.why
         assert r.provenance["reconstructed"]["from_commit"].startswith("ab3499e")

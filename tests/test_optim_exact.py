@@ -1,7 +1,8 @@
 """Exact limit: every method's step equals a dense float64 k-fac step computed independently.
 
 The reference below builds the K-factors by brute force (per-sample loops, explicit patch
-extraction), keeps the EA of eq. (5) with kappa(0) = 1, damps each factor with
+extraction), keeps the EA of eq. (5) with kappa(0) = 1 (or, for ``factor_init='identity'``,
+from M_{-1} = I as a dense matrix), damps each factor with
 lambda = phi * lambda_max, inverts dense matrices with ``torch.linalg.inv`` and applies the
 paper's clip, weight decay and momentum. No bkfac code is used for the reference.
 """
@@ -82,7 +83,7 @@ def reference_batch_factors(model, x, y):
     return [(m, acc[id(m)][0], acc[id(m)][1]) for m in layers]
 
 
-def reference_run(with_conv, n, steps):
+def reference_run(with_conv, n, steps, identity=False):
     model = make_model(with_conv)
     ea, buf, params = {}, {}, []
     for k in range(steps):
@@ -92,7 +93,10 @@ def reference_run(with_conv, n, steps):
         F.cross_entropy(model(x), y).backward()
         with torch.no_grad():
             for m, Ab, Gb in facs:
-                if k == 0:
+                if k == 0 and identity:
+                    ea[id(m)] = [RHO * torch.eye(Ab.shape[0], dtype=DT) + (1 - RHO) * Ab,
+                                 RHO * torch.eye(Gb.shape[0], dtype=DT) + (1 - RHO) * Gb]
+                elif k == 0:
                     ea[id(m)] = [Ab, Gb]
                 else:
                     ea[id(m)] = [RHO * ea[id(m)][0] + (1 - RHO) * Ab, RHO * ea[id(m)][1] + (1 - RHO) * Gb]
@@ -125,16 +129,35 @@ def references():
     return {name: reference_run(*case[:3]) for name, case in CASES.items()}
 
 
+@pytest.fixture(scope="module")
+def identity_references():
+    return {name: reference_run(*case[:3], identity=True) for name, case in CASES.items()}
+
+
 # The MLP case targets the B-update path with the mixed policy; r-kfac/sre-kfac run in the conv case.
 PAIRS = [(c, m) for c in CASES for m in METHODS if CASES[c][0] or m not in ("r-kfac", "sre-kfac")]
 
 
 @pytest.mark.parametrize("case,method", PAIRS)
 def test_exact_limit_equals_dense_kfac(case, method, references):
+    check_exact_limit(case, method, references)
+
+
+@pytest.mark.parametrize("case,method", PAIRS)
+def test_exact_limit_identity_start(case, method, identity_references, references):
+    """factor_init='identity' equals dense k-fac on EA factors started from I; it differs
+    from the first-batch start (the option changes the steps)."""
+    opt = check_exact_limit(case, method, identity_references, factor_init="identity")
+    first = references[case][0][0]
+    assert float((identity_references[case][0][0] - first).norm() / first.norm()) > 1e-6
+    assert all(f.ea_identity > 0 or f.ea is None for f in opt.k_factors().values())
+
+
+def check_exact_limit(case, method, references, **extra):
     with_conv, n, steps, rank, policy = CASES[case]
     model = make_model(with_conv)
     hyper = dict(lr=LR, damping_phi=PHI, rho=RHO, t_updt=1, t_inv=1, weight_decay=WD, momentum=MOM, clip=CLIP,
-                 clip_mode="rms")
+                 clip_mode="rms", **extra)
     if method != "k-fac":  # k-fac keeps full-rank representations: no rank, no continuation
         hyper.update(rank=rank, oversample=0, spectrum_continuation=True)
     if method.startswith("b-"):
@@ -154,6 +177,7 @@ def test_exact_limit_equals_dense_kfac(case, method, references):
     methods = {r["method"] for r in opt.describe()}
     if method.startswith("b-"):
         assert any(m.startswith("brand") for m in methods), methods  # the B-update path was exercised
+    return opt
 
 
 def test_alg8_step_equals_standard_step():

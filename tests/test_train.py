@@ -61,6 +61,8 @@ def test_every_optimizer_trains_on_smoke_and_writes_results(run, fake_data, tmp_
     assert summary["run"] == run and summary["epochs_run"] == 2
     assert "time_to_15" in summary and "epochs_to_20" in summary
     assert (out / "checkpoint.pt").exists()
+    if run == "seng":  # its lr decays per iteration over the epoch's length, recorded in its inputs
+        assert summary["inputs"]["hyper"]["steps_per_epoch"] == summary["batches_per_epoch"] == 10
 
 
 def test_synthetic_data_run_never_reads_cifar_and_writes_apart(tmp_path, monkeypatch, capsys):

@@ -64,6 +64,11 @@ paper notes is immaterial.) Window-relative step numbers ``j = k - k0`` drive th
 shadows' schedules, so ``j % T == 0`` fires their periodic updates; the history shadows follow
 the global step ``k``, which agrees on every period because ``k0`` is a multiple of ``5t``.
 
+The shadows start their EA from the first batch (eq. 5). A profile whose K-FACs start from
+the identity (``factor_init='identity'``) trains the driver that way; its factors differ from
+the shadows' by ``rho^u (I - M_0 M_0^T)`` after ``u`` updates, so the study requires the first
+window to start where ``rho^u < 1e-12`` (ValueError otherwise).
+
 FC0 only, as the paper ("it only makes sense to perform B-updates for the first FC layer").
 The shadows apply the compared algorithm to both FC0 factors whatever their size (a B-update
 whose ``r + n_M`` reaches the dimension is exact, see :func:`bkfac.linalg.brand_update`).
@@ -1462,6 +1467,14 @@ def _trajectory(profile: Profile, seed: int, *, dev: torch.device, data_dir, dri
         batches = min(batches, tr["max_batches_per_epoch"])
     starts = _window_starts(window_epochs, batches, stream)
     start_at = {k0: e for e, k0 in starts.items()}
+    if hyper.get("factor_init") == "identity":
+        # the shadows' EA starts from the first batch; from the identity start the factors
+        # differ from it by rho^u (I - M_0 M_0^T) after u updates, which the first window must outlive
+        u = min(starts.values()) // t
+        if rho ** u > 1e-12:
+            raise ValueError(f"factor_init='identity': the identity still weighs rho^{u} = {rho ** u:.2e} at the "
+                             "first window; the error study's shadows start from the first batch, so its windows "
+                             "must start later")
     last = max(starts.values()) + window - 1
     diag: dict = dict(seed=seed, batches_per_epoch=batches, window_starts={str(e): k for e, k in starts.items()},
                       last_step=last, ea_check={}, J_form={}, update_ms_per_step={}, seconds={}, resumed_at=None)

@@ -60,7 +60,7 @@ __all__ = ["canonical", "inputs_hash", "run_inputs", "error_study_inputs", "prov
            "flatten", "diff_inputs", "comparable_inputs", "ResultStatus", "run_status", "error_study_status", "collect_status",
            "format_status", "inputs_at_commit", "backfill_run", "watch_reads", "results_read", "clear_reads",
            "record_output", "check_outputs", "backfill_outputs", "stale_reads", "OUTPUT_KINDS",
-           "MANIFEST_NAME", "add_results_args", "run_results"]
+           "MANIFEST_NAME", "add_results_args", "run_results", "train_steps_per_epoch"]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -108,11 +108,24 @@ def run_inputs(profile: Profile, run: str, seed: int, *, defaults: dict | None =
     train = {k: v for k, v in profile.train.items() if k != "seeds"}
     if epochs is not None:
         train["epochs"] = epochs
+    resolved = _resolved_hyper(opt_name, hyper, defaults)
+    if opt_name == "seng":  # its lr decays per iteration over the epoch's length (train.py)
+        resolved["steps_per_epoch"] = train_steps_per_epoch(profile)
     return canonical(dict(
         profile=profile.name, data=profile.data, model=profile.model, train=train, run=run,
-        optimizer=opt_name, hyper=_resolved_hyper(opt_name, hyper, defaults), lr_per_step=spec.get("lr_per_step"),
+        optimizer=opt_name, hyper=resolved, lr_per_step=spec.get("lr_per_step"),
         seed=seed,
     ))
+
+
+def train_steps_per_epoch(profile: Profile) -> int:
+    """Steps per training epoch of ``profile``: ``n_train // batch_size`` (the training loader
+    drops the last partial batch), capped by ``max_batches_per_epoch``."""
+    from .data import CIFAR10_TRAIN_SIZE
+
+    t = profile.train
+    steps = (profile.data.get("n_train") or CIFAR10_TRAIN_SIZE) // t["batch_size"]
+    return min(steps, t["max_batches_per_epoch"]) if t.get("max_batches_per_epoch") else steps
 
 
 def error_study_inputs(profile: Profile, seeds: list[int], *, drive: str, window: int,

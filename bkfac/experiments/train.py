@@ -376,12 +376,18 @@ def _train(profile: Profile, run: str, *, seed: int, dev: torch.device, data_dir
         # phases of a CUDA step are asynchronous: without a synchronisation at each phase boundary
         # the work lands in whichever phase next waits for the GPU (the loop syncs around the step)
         hyper = {**hyper, "sync_timer": True}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # unsupported layers (BatchNorm) get SGD: listed by describe()
-        opt = make_optimizer(opt_name, net, **hyper)
     batches = len(train_loader)
     if t["max_batches_per_epoch"]:
         batches = min(batches, t["max_batches_per_epoch"])
+    if opt_name == "seng":
+        # the official SENG loop decays the lr before every iteration over the epoch's length
+        if batches != inputs["hyper"]["steps_per_epoch"]:
+            raise RuntimeError(f"the training loader has {batches} steps per epoch, the recorded inputs say "
+                               f"{inputs['hyper']['steps_per_epoch']} (manifest.train_steps_per_epoch)")
+        hyper = {**hyper, "steps_per_epoch": batches}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unsupported layers (BatchNorm) get SGD: listed by describe()
+        opt = make_optimizer(opt_name, net, **hyper)
     step_lr = profile.runs.get(run, {}).get("lr_per_step")
     scheduler = one_cycle(opt, step_lr, n_epochs * batches) if step_lr else None
     history: list[dict] = []

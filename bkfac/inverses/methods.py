@@ -6,6 +6,16 @@ dense EA factor itself (eq. 5):
 
     M_0 = M_0 M_0^T,    M_k = rho M_{k-1} + (1 - rho) M_k M_k^T.
 
+``identity_start=True`` starts the average from the identity instead (``M_{-1} = I``, so the
+first batch enters with weight ``1 - rho``), as the author's code initialises its factors.
+The factor is then ``L_u + rho^u I`` after ``u`` updates, and the identity part is carried as
+a number beside the data part: ``factor`` holds ``L_u`` and ``ea_identity`` the weight
+``rho^u``; a representation ``(U, d)`` of a data part carries its own weight ``identity``
+(the EA factor's at the time of an eigh/RSVD, multiplied by ``rho`` at each B-update). The
+damped inverse of ``U diag(d) U^T + identity I`` takes ``lambda_max = d_1 + identity`` and adds
+``identity`` to ``lambda``, so every route (dense, ``(U, d)``, Algorithm 8) applies the
+inverse of the same matrix, and the low-rank methods never sketch a flat identity tail.
+
 The optimizer calls, at every step ``k``:
 
 1. ``wants_batch(k)``; when true, it builds the batch matrix ``M_k`` (d x n_M) and calls
@@ -60,17 +70,26 @@ class FactorInverse:
     Parameters (keyword-only): ``dim`` of the factor; ``rho`` in (0, 1); ``t_updt`` (period
     of the dense EA statistics); ``rank``/``oversample``/``power_iters`` for the low-rank
     methods (``rank``/``oversample`` may be callables of the epoch, the paper's schedules);
-    ``generator`` for the randomized parts; ``dtype``/``device`` of the stored state.
+    ``generator`` for the randomized parts; ``dtype``/``device`` of the stored state;
+    ``identity_start`` (module docstring: the EA starts from ``I`` instead of the first batch).
     """
 
     method = "base"
     needs_dense = True
 
     def __init__(self, dim: int, *, rho: float = 0.95, t_updt: int = 1, dtype=torch.float32,
-                 device=None, generator: torch.Generator | None = None):
+                 device=None, generator: torch.Generator | None = None, identity_start: bool = False):
         check_positive_int("dim", dim)
         check_open_unit("rho", rho)
         check_positive_int("t_updt", t_updt)
+        if not isinstance(identity_start, bool):
+            raise ValueError(f"identity_start must be a bool, got {identity_start!r}")
+        self.identity_start = identity_start
+        #: weight of ``I`` in the dense EA factor (``factor`` holds the rest): ``rho^u`` after
+        #: ``u`` updates from the identity start, 0 from the first-batch start
+        self.ea_identity = 1.0 if identity_start else 0.0
+        #: weight of ``I`` in the factor the representation ``(U, d)`` stands for
+        self.identity = 0.0
         self.dim = dim
         self.rho = rho
         self.t_updt = t_updt
@@ -121,8 +140,15 @@ class FactorInverse:
         self._accumulate(gram(batch))
 
     def _accumulate(self, outer: Tensor) -> None:
-        """Eq. (5) with the batch factor ``outer = M_k M_k^T``."""
-        if self.factor is None:
+        """Eq. (5) with the batch factor ``outer = M_k M_k^T`` (from the identity: the identity's
+        weight decays by ``rho`` and the first batch enters with ``1 - rho``)."""
+        if self.identity_start:
+            if self.factor is None:
+                self.factor = outer.mul_(1.0 - self.rho)
+            else:
+                self.factor.mul_(self.rho).add_(outer, alpha=1.0 - self.rho)
+            self.ea_identity *= self.rho
+        elif self.factor is None:
             self.factor = outer  # kappa(0) = 1 in eq. (5)
         else:
             self.factor.mul_(self.rho).add_(outer, alpha=1.0 - self.rho)
@@ -137,7 +163,8 @@ class FactorInverse:
 
     def damped_inverse(self, phi: float, min_damping: float) -> Tensor | None:
         """``(factor + lam I)^{-1}`` as a dense matrix, ``lam = max(phi * lambda_max, min_damping)``,
-        where this method keeps a full-rank representation; ``None`` otherwise."""
+        where this method keeps a full-rank representation; ``None`` otherwise. (``factor``
+        includes the identity part of an identity start.)"""
         return None
 
     def damped_apply(self, X: Tensor, side: str, phi: float, min_damping: float) -> Tensor | None:
@@ -171,7 +198,11 @@ class FactorInverse:
 
     def state_dict(self) -> dict:
         """The tensors and counters that define this factor (for checkpoints)."""
-        return {"factor": self.factor, "U": self.U, "d": self.d, "updates": self.updates, "epoch": self.epoch}
+        return {"factor": self.factor, "U": self.U, "d": self.d, "updates": self.updates, "epoch": self.epoch,
+                "ea_identity": self.ea_identity, "identity": self.identity}
+
+    #: state keys a checkpoint of an earlier version may lack (first-batch start: 0)
+    _OPTIONAL_STATE = ("ea_identity", "identity")
 
     def check_state(self, state: dict, where: str = "factor state") -> None:
         """Check a :meth:`state_dict` against this factor before loading it: its keys, the
@@ -179,7 +210,7 @@ class FactorInverse:
         (``w``), floating tensors, integer counters. ``ValueError`` naming ``where`` otherwise."""
         if not isinstance(state, dict):
             raise ValueError(f"{where}: expected a dict, got {type(state).__name__}")
-        missing = [k for k in self.state_dict() if k not in state]
+        missing = [k for k in self.state_dict() if k not in state and k not in self._OPTIONAL_STATE]
         if missing:
             raise ValueError(f"{where}: missing {', '.join(missing)} (saved by another method?)")
         _check_tensor(where, "factor", state["factor"], (self.dim, self.dim))
@@ -195,15 +226,27 @@ class FactorInverse:
         for key in ("updates", "epoch"):
             if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
                 raise ValueError(f"{where}: {key} must be a non-negative int, got {state[key]!r}")
+        for key in self._OPTIONAL_STATE:
+            v = state.get(key, 0.0)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"{where}: {key} must be a number in [0, 1], got {v!r}")
+            if v and not self.identity_start:
+                raise ValueError(f"{where}: saved from an identity start ({key} = {v:g}); this optimizer "
+                                 "starts its factors from the first batch (factor_init)")
 
     def load_state_dict(self, state: dict) -> None:
         self.check_state(state)
         self.factor, self.U, self.d = state["factor"], state["U"], state["d"]
         self.updates, self.epoch = state["updates"], state["epoch"]
+        self.ea_identity = float(state.get("ea_identity", 0.0))
+        self.identity = float(state.get("identity", 0.0))
         self._inverse_cache = None
 
-    def _set(self, U: Tensor, d: Tensor) -> None:
+    def _set(self, U: Tensor, d: Tensor, identity: float | None = None) -> None:
+        """Install ``(U, d)``; ``identity``: its identity weight (default: the EA factor's, for
+        a representation computed from the dense factor)."""
         self.U, self.d = U.contiguous(), d.contiguous()
+        self.identity = self.ea_identity if identity is None else identity
         self.updates += 1
 
     def describe(self) -> str:
@@ -263,11 +306,12 @@ class EighInverse(_Recompute, FactorInverse):
     def damped_inverse(self, phi: float, min_damping: float) -> Tensor | None:
         if self.U is None or self.U.shape[1] != self.dim:
             return None
-        key = (self.updates, id(self.U), self.U._version, float(phi), float(min_damping))
+        s = self.identity
+        key = (self.updates, id(self.U), self.U._version, float(phi), float(min_damping), s)
         cache = self._inverse_cache
         if cache is None or cache[0] != key:
-            lam = torch.clamp(self.d[0] * phi, min=min_damping)
-            inv = (self.U / (self.d + lam)) @ self.U.mT
+            lam = torch.clamp((self.d[0] + s) * phi, min=min_damping)
+            inv = (self.U / (self.d + (s + lam))) @ self.U.mT
             self._inverse_cache = cache = (key, inv)
         return cache[1]
 
@@ -306,6 +350,7 @@ class CholeskyInverse(_Recompute, FactorInverse):
         if self.due(k):
             self.snapshot = self.symmetric_factor()
             self.lam_max, self._v = lambda_max(self.snapshot, self._v, rtol=self.rtol, generator=self.generator)
+            self.identity = self.ea_identity
             self.updates += 1
 
     def representation(self) -> tuple[Tensor, Tensor]:
@@ -316,12 +361,12 @@ class CholeskyInverse(_Recompute, FactorInverse):
         """``[key, L, explicit inverse or None]`` for the current snapshot and damping (cached)."""
         if self.snapshot is None:
             raise RuntimeError("CholeskyInverse: no inverse yet (no statistics observed)")
-        key = (self.updates, float(phi), float(min_damping))
+        key = (self.updates, float(phi), float(min_damping), self.identity)
         cache = self._inverse_cache
         if cache is None or cache[0] != key:
-            lam = torch.clamp(self.lam_max * phi, min=min_damping)
+            lam = torch.clamp((self.lam_max + self.identity) * phi, min=min_damping)
             M = self.snapshot.clone()
-            M.diagonal().add_(lam)
+            M.diagonal().add_(lam + self.identity)
             L, info = torch.linalg.cholesky_ex(M)
             if bool(info):  # float32 rounding on a nearly singular factor: once more in float64
                 L, info = torch.linalg.cholesky_ex(M.double())
@@ -440,11 +485,16 @@ class BrandInverse(_LowRank):
     def _b_update(self, batch: Tensor) -> None:
         if self.U is None:
             empty = batch.new_zeros(self.dim, 0)
-            U, d = brand_update(empty, batch.new_zeros(0), batch)
+            if self.identity_start:  # rho * I + (1 - rho) M_0 M_0^T
+                U, d = brand_update(empty, batch.new_zeros(0), math.sqrt(1.0 - self.rho) * batch)
+                self._set(U, d, identity=self.rho)
+            else:
+                U, d = brand_update(empty, batch.new_zeros(0), batch)
+                self._set(U, d, identity=0.0)
         else:
             U, d = truncate(self.U, self.d, self.rank)
             U, d = brand_update(U, self.rho * d, math.sqrt(1.0 - self.rho) * batch)
-        self._set(U, d)
+            self._set(U, d, identity=self.rho * self.identity)
 
     def refresh(self, k: int) -> None:
         if k % self.t_brand == 0 and self._batch is not None:
@@ -465,11 +515,12 @@ class BrandRSVDInverse(BrandInverse):
         if t_rsvd % self.t_brand:
             raise ValueError(f"t_rsvd={t_rsvd} must be a multiple of t_brand={self.t_brand}")
         self.t_rsvd = t_rsvd
-        self._overwrite: tuple[Tensor, Tensor] | None = None
+        self._overwrite: tuple[Tensor, Tensor, float] | None = None
 
     def _before_dense_update(self, k: int) -> None:
         if k % self.t_rsvd == 0 and k > 0 and self.factor is not None:
-            self._overwrite = rsvd(self.symmetric_factor(), self.rank, self.oversample, self.power_iters, self.generator)
+            U, d = rsvd(self.symmetric_factor(), self.rank, self.oversample, self.power_iters, self.generator)
+            self._overwrite = (U, d, self.ea_identity)
 
     def wants_batch(self, k: int) -> bool:
         return k % self.t_brand == 0 or k % self.t_updt == 0
@@ -477,10 +528,10 @@ class BrandRSVDInverse(BrandInverse):
     def refresh(self, k: int) -> None:
         if k % self.t_brand == 0 and self._batch is not None:
             if self._overwrite is not None:
-                self.U, self.d = self._overwrite
+                U, d, identity = self._overwrite
                 self._overwrite = None
-                U, d = brand_update(self.U, self.rho * self.d, math.sqrt(1.0 - self.rho) * self._batch)
-                self._set(U, d)
+                U, d = brand_update(U, self.rho * d, math.sqrt(1.0 - self.rho) * self._batch)
+                self._set(U, d, identity=self.rho * identity)
             else:
                 self._b_update(self._batch)
 
@@ -512,7 +563,7 @@ class BrandCorrectedInverse(BrandInverse):
             r = min(self.rank, self.U.shape[1])
             n_crc = max(1, round(self.phi_crc * r))
             U, d = light_correction(self.U, self.d, self.symmetric_factor(), n_crc, self.generator, among=r)
-            self._set(U, d)
+            self._set(U, d, identity=self.identity)
 
 
 INVERSE_METHODS = {

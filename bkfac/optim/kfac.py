@@ -232,6 +232,7 @@ FAMILY_CHECKS = {
     "spectrum_continuation": check_bool,
     "linear_time": check_bool,
     "policy": lambda n, v: check_choice(n, v, POLICIES),
+    "factor_init": lambda n, v: check_choice(n, v, ("batch", "identity")),
     "min_damping": lambda n, v: check_number(n, v, low_open=True),
     "seed": _seed,
     "factor_dtype": _dtype,
@@ -357,10 +358,14 @@ class KFactor:
     ``t_updt`` steps. ``(U, d)`` is the representation the step inverts (``U`` with
     orthonormal columns, ``d`` descending), refreshed on the method's own schedule;
     ``None`` for ``KFAC(inverse='cholesky')``, which keeps a Cholesky factor instead.
-    The step applies the inverse of ``U diag(d) U^T + damping I + shift (I - U U^T)``:
-    ``damping = max(phi * lambda_max, min_damping)`` and ``shift = min(d)`` under spectrum
-    continuation (Sec. 3.5), else 0. Tensors are the optimizer's own: read, do not modify.
-    ``dense()`` gives a new dense matrix.
+    The step applies the inverse of
+    ``U diag(d) U^T + identity I + damping I + shift (I - U U^T)``:
+    ``damping = max(phi * lambda_max, min_damping)`` with ``lambda_max = d_1 + identity``,
+    ``shift = min(d)`` under spectrum continuation (Sec. 3.5), else 0. ``identity`` is the
+    weight of ``I`` the factor still carries from an identity start (``factor_init=
+    'identity'``: ``rho^u`` after ``u`` updates), 0 from the first-batch start; ``ea`` holds
+    the data part of the EA factor, whose identity weight is ``ea_identity``. Tensors are the
+    optimizer's own: read, do not modify. ``dense()`` gives a new dense matrix.
     """
 
     layer: str
@@ -373,6 +378,8 @@ class KFactor:
     damping: float
     shift: float
     n_M: int | None
+    identity: float = 0.0
+    ea_identity: float = 0.0
 
     def lowrank(self) -> Tensor:
         """``U diag(d) U^T`` (dim x dim) of the representation."""
@@ -383,8 +390,12 @@ class KFactor:
 
     def dense(self) -> Tensor:
         """The K-factor as a new dense matrix: the EA factor where the method keeps one, else
-        ``U diag(d) U^T`` of the representation."""
-        return self.ea.clone() if self.ea is not None else self.lowrank()
+        ``U diag(d) U^T`` of the representation (with its identity part, if any)."""
+        M = self.ea.clone() if self.ea is not None else self.lowrank()
+        s = self.ea_identity if self.ea is not None else self.identity
+        if s:
+            M.diagonal().add_(s)
+        return M
 
     def damped(self) -> Tensor:
         """The dense matrix whose inverse the step applies (docstring above)."""
@@ -392,7 +403,7 @@ class KFactor:
             raise ValueError(f"factor {self.factor} of layer '{self.layer}' ({self.method}) has no (U, d) "
                              "representation")
         M = self.lowrank() - self.shift * (self.U @ self.U.mT)
-        M.diagonal().add_(self.damping + self.shift)
+        M.diagonal().add_(self.damping + self.shift + self.identity)
         return M
 
 
@@ -443,6 +454,11 @@ class KFACFamily(torch.optim.Optimizer):
     policy: which factors take B-updates (b-variants): ``'mixed'`` (default, ``d > n_M + r``),
         ``'first-fc'`` (the paper's: the first Linear layer only) or ``'all'`` (``d > r``, for
         studies); see the module docstring.
+    factor_init: where the EA of eq. (5) starts: ``'batch'`` (default, the paper's eq. 5:
+        ``M_0 = M_0 M_0^T``) or ``'identity'`` (the author's code: ``M_{-1} = I``, the first
+        batch weighted ``1 - rho``; the identity part ``rho^u I`` is carried as a number beside
+        each representation and joins the damping, see :mod:`bkfac.inverses.methods`). One
+        process only.
     min_damping: absolute floor of lambda.
     seed: seed of the optimizer's generators (RSVD sketches, correction columns). Each factor
         has its own generator, seeded from ``(seed, layer index, 'A'|'G')``, so its sketches do
@@ -485,6 +501,7 @@ class KFACFamily(torch.optim.Optimizer):
         spectrum_continuation: bool = True,
         linear_time: bool = True,
         policy: str = "mixed",
+        factor_init: str = "batch",
         min_damping: float = 1e-8,
         seed: int = 0,
         factor_dtype: torch.dtype | None = None,
@@ -518,11 +535,15 @@ class KFACFamily(torch.optim.Optimizer):
         self.continuation = spectrum_continuation
         self.linear_time = linear_time
         self.policy = policy
+        self.factor_init = factor_init
         self.min_damping = min_damping
         self.lr_schedule = lr_schedule
         self.factor_dtype = factor_dtype
         self.check_finite = check_finite
         self.comm = comm if comm is not None else LocalComm()
+        if factor_init == "identity" and self.comm.world_size > 1:
+            raise ValueError("factor_init='identity' runs on one process only (the identity weight is not "
+                             f"synchronised across ranks); this comm has world_size {self.comm.world_size}")
         self.method_kw = method_kw
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
@@ -629,7 +650,7 @@ class KFACFamily(torch.optim.Optimizer):
 
     def _make_inverse(self, cls, dim: int, index: int = 0, fac: str = "A") -> FactorInverse:
         kw = dict(rho=self.rho, t_updt=self.t_updt, dtype=self.factor_dtype,
-                  generator=self._factor_generator(index, fac))
+                  generator=self._factor_generator(index, fac), identity_start=self.factor_init == "identity")
         if cls in (EighInverse, CholeskyInverse):
             inv = cls(dim, t_inv=self.t_inv, **kw)
         elif cls in (RSVDInverse, SREVDInverse):
@@ -817,21 +838,25 @@ class KFACFamily(torch.optim.Optimizer):
             raise ValueError(f"no K-factor {factor} for layer {layer!r}; layers with K-factors: {', '.join(known)}")
         return facs[(layer, factor)]
 
-    def _damping(self, d: Tensor):
+    def _damping(self, d: Tensor, identity: float = 0.0):
+        """``lambda = max(phi * lambda_max, min_damping)``, ``lambda_max = d_1 + identity``."""
         phi = _value(self.damping_phi, self.epoch)
-        return torch.clamp(d[0] * phi, min=self.min_damping) if d.numel() else torch.tensor(self.min_damping)
+        if not d.numel():
+            return torch.tensor(max(identity * phi, self.min_damping))
+        return torch.clamp((d[0] + identity) * phi, min=self.min_damping)
 
     def _k_factor(self, L: _Layer, fac: str, inv: FactorInverse) -> KFactor:
         U, d = inv.U, inv.d
         damping = shift = None
         if U is not None:
-            damping = float(self._damping(d))
+            damping = float(self._damping(d, inv.identity))
             shift = float(d.min()) if self.continuation and d.numel() else 0.0
         elif isinstance(inv, CholeskyInverse) and inv.lam_max is not None:
-            damping = max(float(inv.lam_max) * _value(self.damping_phi, self.epoch), self.min_damping)
+            damping = max((float(inv.lam_max) + inv.identity) * _value(self.damping_phi, self.epoch),
+                          self.min_damping)
             shift = 0.0
         return KFactor(layer=L.capture.name, factor=fac, dim=inv.dim, method=inv.method, ea=inv.factor, U=U, d=d,
-                       damping=damping, shift=shift, n_M=L.n_M)
+                       damping=damping, shift=shift, n_M=L.n_M, identity=inv.identity, ea_identity=inv.ea_identity)
 
     # -- epochs, statistics schedule -----------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -858,10 +883,14 @@ class KFACFamily(torch.optim.Optimizer):
 
     # -- the step ---------------------------------------------------------------------------------
     def _damped(self, inv: FactorInverse):
+        """``(U, d, lam)`` such that the step applies ``(U diag(d) U^T + lam I)^{-1}``: the
+        damping, spectrum continuation (Sec. 3.5) and an identity start's ``identity I``."""
         U, d = inv.representation()
-        lam = self._damping(d)
+        lam = self._damping(d, inv.identity)
         if self.continuation:
             d, lam = spectrum_continuation(d, lam, check=False)
+        if inv.identity:
+            lam = lam + inv.identity
         return U, d, lam
 
     def _apply_inverse(self, inv: FactorInverse, X: Tensor, side: str, phi: float) -> Tensor:
@@ -1059,6 +1088,7 @@ class KFACFamily(torch.optim.Optimizer):
         sd = super().state_dict()
         sd["kfac"] = {
             "algorithm": self.algorithm,
+            "factor_init": self.factor_init,
             "steps": self.steps,
             "epoch": self.epoch,
             "initialized": self._initialized,
@@ -1096,6 +1126,9 @@ class KFACFamily(torch.optim.Optimizer):
             raise ValueError("state_dict has no 'kfac' entry: it was not saved by a bkfac K-FAC optimizer")
         if kfac.get("algorithm") != self.algorithm:
             raise ValueError(f"state_dict is from {kfac.get('algorithm')!r}, this optimizer is {self.algorithm!r}")
+        if kfac.get("factor_init", "batch") != self.factor_init:
+            raise ValueError(f"state_dict starts its factors from {kfac.get('factor_init', 'batch')!r}, this "
+                             f"optimizer from {self.factor_init!r} (factor_init)")
         for key, kind in (("steps", int), ("epoch", int), ("initialized", bool), ("layers", dict)):
             if not isinstance(kfac.get(key), kind):
                 raise ValueError(f"state_dict['kfac'][{key!r}] must be {kind.__name__}, got {kfac.get(key)!r}")
