@@ -3,7 +3,7 @@
 The paper trains every K-FAC at lr 0.3 in epoch 1 (Sec. 6). Whether that learning rate is
 stable depends on what the K-factors hold in the first steps: the EA of eq. (5) started from
 the first batch (``kappa(0) = 1``, our default) or from the identity (what the author's code
-does). :func:`first_steps` measures it: ``steps`` training steps of run ``run`` of
+does; ``factor_init='identity'``). :func:`first_steps` measures it: ``steps`` training steps of run ``run`` of
 ``profile`` on CIFAR-10 batches of ``batch_size``, with the run's hyper-parameters and
 ``overrides`` (e.g. ``lr=0.3``), recording the training loss of every step. It stops early,
 recording where, when the loss is not finite or exceeds ``diverged_at`` times the first
@@ -35,7 +35,8 @@ __all__ = ["first_steps", "write_probe"]
 def first_steps(profile: Profile, run: str, *, steps: int = 15, batch_size: int | None = None, seed: int = 0,
                 data_dir=None, device: str = "cpu", diverged_at: float = 5.0, label: str | None = None,
                 **overrides) -> list[dict]:
-    """Rows ``(label, run, step, loss, lr, seconds)`` of the first ``steps`` steps (module docstring)."""
+    """Rows ``(label, run, factor_init, batch_size, step, loss, lr, seconds, diverged)`` of the
+    first ``steps`` steps (module docstring)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if not diverged_at > 1:
@@ -53,6 +54,7 @@ def first_steps(profile: Profile, run: str, *, steps: int = 15, batch_size: int 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = make_optimizer(opt_name, model, **hyper)
+    init = getattr(opt, "factor_init", "")
     if hasattr(opt, "set_epoch"):
         opt.set_epoch(1)
     model.train()
@@ -64,7 +66,7 @@ def first_steps(profile: Profile, run: str, *, steps: int = 15, batch_size: int 
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y)
         value = float(loss.detach())
-        row = dict(label=label or run, run=run, batch_size=bs, step=k, loss=value,
+        row = dict(label=label or run, run=run, factor_init=init, batch_size=bs, step=k, loss=value,
                    lr=opt.param_groups[0]["lr"], seconds=None)
         if first is None:
             first = value
@@ -88,4 +90,4 @@ def first_steps(profile: Profile, run: str, *, steps: int = 15, batch_size: int 
 def write_probe(rows: list[dict], profile: str, out_root=None) -> Path:
     """Write the probe rows to ``<results>/<profile>/lr-probe/probe.csv`` (atomic)."""
     return write_csv(results_dir(profile, out_root) / "lr-probe" / "probe.csv", rows,
-                     ["label", "run", "batch_size", "step", "loss", "lr", "seconds", "diverged"])
+                     ["label", "run", "factor_init", "batch_size", "step", "loss", "lr", "seconds", "diverged"])
