@@ -403,3 +403,10 @@ def test_prop_3_1_check_detects_a_process_of_bounded_rank_that_is_not_b_kfac(bad
 def test_prop_4_2_check_reports_a_zero_process_as_violations():
     res = P.check_prop_4_2(**SMALL, process=_zero_process)
     assert not res.holds and res.violations > 0
+
+
+def test_mean_error_below_compares_the_tracked_means():
+    tracked = {"a": {"error": [0.1, 0.3]}, "b": {"error": [0.25, 0.2]}}  # means 0.2 and 0.225
+    assert toy.mean_error_below(tracked, "a", "b") and not toy.mean_error_below(tracked, "b", "a")
+    with pytest.raises(ValueError, match="'c'"):
+        toy.mean_error_below(tracked, "a", "c")

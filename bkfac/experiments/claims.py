@@ -210,7 +210,7 @@ def spectrum_decay_verdict(rows: Sequence[dict], rank: int, layer: str = "fc0", 
     if not use or any(key not in r for r in use):
         return "not decided", f"no {key} of {layer} stored"
     shares = {r["factor"]: (float(r[key]), min(1.0, rank / float(r["dim"]))) for r in use}
-    ok = [f for f, (e, flat) in shares.items() if e >= min(1.0, factor * flat)]
+    ok = [f for f, (e, flat) in shares.items() if e >= min(1.0, factor * flat) - 1e-9]  # rounding of a full share
     text = ", ".join(f"{f} {e:.2f} vs flat {flat:.2f}" for f, (e, flat) in shares.items())
     verdict = "reproduced" if len(ok) == len(shares) else ("partly" if ok else "not reproduced")
     return verdict, f"top-{rank} share of the trace of {layer}'s factors: {text}"

@@ -64,6 +64,7 @@ __all__ = [
     "bupdate_error_terms",
     "orthogonal_no_update_case",
     "track_inverses",
+    "mean_error_below",
 ]
 
 DECAYS = ("power", "exp", "flat")
@@ -430,3 +431,14 @@ def track_inverses(batches: Sequence[Tensor], inverses: dict) -> dict[str, dict[
             out[name]["width"].append(int(U.shape[1]))
             inv.end_step()
     return out
+
+
+def mean_error_below(tracked: dict[str, dict[str, list]], a: str, b: str) -> bool:
+    """Whether representation ``a`` of :func:`track_inverses`' output has the smaller mean
+    relative error over the stream than ``b`` (the toy figure's claims of chapter 3: B-updates
+    between two RSVDs beat no update)."""
+    for name in (a, b):
+        if name not in tracked or not tracked[name]["error"]:
+            raise ValueError(f"tracked holds no errors for {name!r}; it has {sorted(tracked)}")
+    mean = lambda e: sum(e) / len(e)  # noqa: E731
+    return mean(tracked[a]["error"]) < mean(tracked[b]["error"])
