@@ -93,15 +93,17 @@ def _off(fn, eps=1e-6):
     return wrong
 
 
-def _zero_process(batches, rho, r, overwrite_at=()):
-    proc = toy.bkfac_process(batches, rho, r, overwrite_at)
-    proc.b = [torch.zeros_like(b) for b in proc.b]
-    proc.mtilde = [torch.zeros_like(m) for m in proc.mtilde]
-    return proc
+def _load_test_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"_falsifiable_{name}", Path(__file__).with_name(f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def _half_process(batches, rho, r, overwrite_at=()):
-    return toy.bkfac_process([b / 2**0.5 for b in batches], rho, r, overwrite_at)
+# the deliberately wrong b-kfac processes of tests/test_toy_propositions.py: the all-zero estimate,
+# and the recursion fed halved batches
+_wrong = _load_test_module("test_toy_propositions")
+_zero_process, _half_process = _wrong._zero_process, _wrong._half_batch_process
 
 
 SMALL = dict(n_instances=12, dims=(6, 16), steps=(3, 5))
@@ -133,32 +135,21 @@ def case_02_identity7():
     _changed("02-brand", "85920937", run("02-brand", ["dc76b78e", "85920937"], _ch2_ns(orthonormal_extension=wrong)))
 
 
-def case_02_brand_update():
-    from bkfac.linalg import brand_update
+def _ch2_wrong_update(setup: str, check: str, fn: str):
+    """Chapter 2's cells ``setup`` then ``check`` with ``bkfac.linalg.<fn>`` returning eigen- or
+    singular values off by a relative 1e-6."""
+    def case():
+        from bkfac import linalg
 
-    out = run("02-brand", ["dc76b78e", "1611c7b5", "89baf5e2"], _ch2_ns(brand_update=_off(brand_update)))
-    _changed("02-brand", "89baf5e2", out)
-
-
-def case_02_degenerate():
-    from bkfac.linalg import brand_update
-
-    out = run("02-brand", ["dc76b78e", "da05a2db", "ccaf5ec7"], _ch2_ns(brand_update=_off(brand_update)))
-    _changed("02-brand", "ccaf5ec7", out)
+        out = run("02-brand", ["dc76b78e", setup, check], _ch2_ns(**{fn: _off(getattr(linalg, fn))}))
+        _changed("02-brand", check, out)
+    return case
 
 
-def case_02_general():
-    from bkfac.linalg import brand_update_general
-
-    out = run("02-brand", ["dc76b78e", "ee22b9da", "894758fc"], _ch2_ns(brand_update_general=_off(brand_update_general)))
-    _changed("02-brand", "894758fc", out)
-
-
-def case_02_online():
-    from bkfac.linalg import brand_update
-
-    out = run("02-brand", ["dc76b78e", "4a5140d3", "f5d52e10"], _ch2_ns(brand_update=_off(brand_update)))
-    _changed("02-brand", "f5d52e10", out)
+case_02_brand_update = _ch2_wrong_update("1611c7b5", "89baf5e2", "brand_update")
+case_02_degenerate = _ch2_wrong_update("da05a2db", "ccaf5ec7", "brand_update")
+case_02_general = _ch2_wrong_update("ee22b9da", "894758fc", "brand_update_general")
+case_02_online = _ch2_wrong_update("4a5140d3", "f5d52e10", "brand_update")
 
 
 # ---- chapter 3 ------------------------------------------------------------------------------------
@@ -341,13 +332,9 @@ CELLS[("07-report", _report_check_id())] = case_07_verdicts_recomputed
 
 def _other_registry() -> dict:
     """``CELLS`` of tests/test_falsifiable_results.py (chapters 04 and 06), if that file exists."""
-    path = Path(__file__).with_name("test_falsifiable_results.py")
-    if not path.exists():
+    if not Path(__file__).with_name("test_falsifiable_results.py").exists():
         return {}
-    spec = importlib.util.spec_from_file_location("_falsifiable_results", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return dict(getattr(mod, "CELLS", {}))
+    return dict(getattr(_load_test_module("test_falsifiable_results"), "CELLS", {}))
 
 
 def _registered(registry: dict, stem: str, cell_id: str, index: int) -> bool:
