@@ -72,6 +72,7 @@ __all__ = [
     "save_table",
     "markdown_table",
     "run_stamp",
+    "made_stamp",
     "stale_note",
     "stamp_figure",
     "execute_chapter",
@@ -436,14 +437,48 @@ def _cpu_model() -> str:
     return cpu_model()
 
 
-def _hardware_stamp(profile: str, device: str) -> str:
+def made_stamp(provenance: Sequence[dict]) -> str:
+    """How stored results were made, from their recorded provenance (``summary.json``'s or
+    ``run.json``'s ``provenance``: ``device``, ``threads``, ``torch``, ``commit``): e.g. ``"3
+    results made on cpu with 1 thread, torch 2.14.1+cu130, code f4b1f8e"``. Results that record
+    no thread count (made before it was recorded) are counted as such, never guessed."""
+    provs = [p or {} for p in provenance]
+    if not provs:
+        raise ValueError("provenance is empty: pass the provenance of at least one stored result")
+    n = len(provs)
+    devices = sorted({str(p["device"]) for p in provs if p.get("device")})
+    threads = sorted({int(p["threads"]) for p in provs if p.get("threads") is not None})
+    unrecorded = sum(p.get("threads") is None for p in provs)
+    if threads:
+        t = " or ".join(str(x) for x in threads) + (" thread" if threads == [1] else " threads")
+        t = f"with {t}" + (f" ({unrecorded} of {n} record no thread count)" if unrecorded else "")
+    else:
+        t = "(no thread count recorded)"
+    torch_v = sorted({str(p["torch"]) for p in provs if p.get("torch")})
+    commits = sorted({str(p["commit"])[:7] for p in provs if p.get("commit")})
+    parts = [f"{n} result{'s' if n != 1 else ''} made on {'/'.join(devices) or 'an unrecorded device'} {t}"]
+    if torch_v:
+        parts.append("torch " + "/".join(torch_v))
+    if commits:
+        parts.append("code " + ", ".join(commits))
+    return ", ".join(parts)
+
+
+def _hardware_stamp(profile: str, device: str, made: Sequence[dict] | None = None) -> str:
+    """``profile | hardware | torch``: the hardware this process computes on (its thread
+    count included); with ``made`` (the provenance of the stored results drawn on), the
+    machine that draws them without its threads, then :func:`made_stamp`."""
     import torch
 
     dev = str(device)
     if dev.startswith("cuda") and torch.cuda.is_available():
         hw = f"GPU {torch.cuda.get_device_name(torch.device(dev))}"
+    elif made is not None:
+        hw = f"drawn on CPU {_cpu_model()} ({os.cpu_count()} cores)"
     else:
         hw = f"CPU {_cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    if made is not None:
+        return f"profile '{profile}' | {hw} | {made_stamp(made)}"
     return f"profile '{profile}' | {hw} | torch {torch.__version__}"
 
 
@@ -461,25 +496,38 @@ def stale_note(profile: str) -> str:
     return f"DRAWN FROM RESULTS OF ANOTHER CONFIGURATION: {shown}{more} (see `bkfac results status`)"
 
 
-def run_stamp(profile: str, device: str = "cpu") -> str:
-    """One line naming the profile and the hardware a result was computed on; when stored
-    results read so far are not of the profile's current configuration, it ends with
-    :func:`stale_note`."""
+def run_stamp(profile: str, device: str = "cpu", *, made: Sequence[dict] | None = None) -> str:
+    """One line naming the profile and the hardware a result was computed on -- or, with
+    ``made`` (the recorded provenance of the stored results drawn on), how those were made
+    (:func:`made_stamp`: device, threads, torch, code); when stored results read so far are not
+    of the profile's current configuration, it ends with :func:`stale_note`."""
     note = stale_note(profile)
-    return _hardware_stamp(profile, device) + (f" | {note}" if note else "")
+    return _hardware_stamp(profile, device, made) + (f" | {note}" if note else "")
 
 
-def stamp_figure(fig, profile: str, device: str = "cpu") -> None:
-    """Write the profile and hardware of :func:`run_stamp` in small print under a matplotlib
-    figure's axes, and above it, in red, :func:`stale_note` when the figure is drawn from stored
-    results of another configuration.
+def stamp_figure(fig, profile: str, device: str = "cpu", *, made: Sequence[dict] | None = None) -> None:
+    """Write the profile and hardware of :func:`run_stamp` (with ``made``: how the stored
+    results drawn were made) in small print under a matplotlib figure's axes, and above it, in
+    red, :func:`stale_note` when the figure is drawn from stored results of another
+    configuration.
 
     Lays the figure out with ``tight_layout`` leaving a strip at the bottom for the stamp, so
-    call it after the axes are complete.
+    call it after the axes are complete. A figure-level legend (``fig.legend``, placed below the
+    panels) is moved up onto that strip, and the panels above it, so the stamp never covers it.
     """
     note = stale_note(profile)
-    fig.tight_layout(rect=(0, 0.085 if note else 0.045, 1, 1))
-    fig.text(0.01, 0.004, _hardware_stamp(profile, device), fontsize=6.5, color="0.35", ha="left", va="bottom")
+    strip = 0.085 if note else 0.045
+    legend_h = 0.0
+    if fig.legends:
+        renderer = fig.canvas.get_renderer()
+        height = fig.get_figheight() * fig.dpi
+        for leg in fig.legends:
+            leg.set_loc("lower center")
+            leg.set_bbox_to_anchor((0.5, strip), transform=fig.transFigure)
+            legend_h = max(legend_h, leg.get_window_extent(renderer).height / height)
+    fig.tight_layout(rect=(0, strip + legend_h + (0.01 if legend_h else 0.0), 1, 1))
+    fig.text(0.01, 0.004, _hardware_stamp(profile, device, made), fontsize=6.5, color="0.35", ha="left",
+             va="bottom")
     if note:
         fig.text(0.01, 0.04, note, fontsize=6.5, color="#b00000", ha="left", va="bottom", wrap=True)
 

@@ -1279,15 +1279,31 @@ def _log_range(values: Sequence[float], spread: float = 1e4) -> tuple[float, flo
     return lo / 1.5, v[-1] * 1.5
 
 
+#: y-axis labels of the four metrics (all are ratios: dimensionless).
+_METRIC_YLABELS = {
+    1: r"$\|\tilde A^{-1}-A^{-1}_{ref}\|_F\,/\,\|A^{-1}_{ref}\|_F$",
+    2: r"$\|\tilde\Gamma^{-1}-\Gamma^{-1}_{ref}\|_F\,/\,\|\Gamma^{-1}_{ref}\|_F$",
+    3: r"$\|s-s_{ref}\|_F\,/\,\|s_{ref}\|_F$",
+    4: r"$1-\cos\angle(s, s_{ref})$",
+}
+
+
 def plot_error_study(metrics_rows: list[dict], path=None, *, metrics: Sequence[int] = (1, 2),
-                     block_average: bool = True, width: float = 7.0):
+                     block_average: bool = True, width: float = 7.0, run_rows: list[dict] | None = None):
     """Figure 1 (``metrics=(1, 2)``) or Figure 2 (``metrics=(3, 4)``): one row per window epoch,
-    one column per metric, one curve per algorithm (its own line style and marker), log-scale y,
-    FC layer 0. Step metrics use the ``t_updt``-block averages when ``block_average`` (Fig. 2
+    one column per metric, one curve per algorithm, log-scale y, FC layer 0.
+
+    ``metrics_rows`` are the run-averaged rows (``metrics.csv``: the mean over seeds, as the
+    paper's "each curve is the average over 5 runs"); each panel's title says over how many.
+    With ``run_rows`` (``metrics_runs.csv``) holding two or more seeds, each seed is drawn as a
+    faint line under the mean. Every algorithm has its own line style and marker, the markers
+    of different algorithms at staggered steps so that coinciding curves (b-kfac and b-kfac-c)
+    stay visible. Step metrics use the ``t_updt``-block averages when ``block_average`` (Fig. 2
     caption). The y-range shows the bulk of the non-k-fac curves (:func:`_log_range`): k-fac's
-    refresh dips run off the bottom. A change of the damping factor inside a window is
-    marked with a vertical line. The legend sits below the panels. Saves to ``path`` when given;
-    returns the :class:`matplotlib.figure.Figure`."""
+    refresh dips run off the bottom, which the panel says. A change of the damping factor
+    inside a window is marked with a vertical line. The y-labels are the metrics' formulas
+    (ratios, no unit); the legend sits below the panels. Saves to ``path`` when given; returns
+    the :class:`matplotlib.figure.Figure`."""
     import matplotlib.pyplot as plt
 
     rows = _num(metrics_rows)
@@ -1296,38 +1312,55 @@ def plot_error_study(metrics_rows: list[dict], path=None, *, metrics: Sequence[i
     for m in metrics:
         if m not in METRIC_NAMES:
             raise ValueError(f"metrics must be among 1..4, got {m!r}")
+    runs = _num(run_rows) if run_rows else []
+    seeds = sorted({r["seed"] for r in runs if "seed" in r})
     epochs = sorted(set(r["window_epoch"] for r in rows))
     algos = list(dict.fromkeys(r["algorithm"] for r in rows))
     labels = {r["algorithm"]: r["label"] for r in rows}
-    fig, axes = plt.subplots(len(epochs), len(metrics), figsize=(width, 2.6 * len(epochs) + 0.9),
+    fig, axes = plt.subplots(len(epochs), len(metrics), figsize=(width, 2.7 * len(epochs) + 0.9),
                              squeeze=False, sharex=True)
     cmap = plt.get_cmap("tab10")
     for i, ep in enumerate(epochs):
         for jx, m in enumerate(metrics):
             ax = axes[i][jx]
             col = f"metric{m}_block" if (block_average and m in (3, 4) and "metric3_block" in rows[0]) else f"metric{m}"
-            shown = []
+            shown, kfac_low = [], []
             phi_change = None
+            n_runs = set()
             for c, a in enumerate(algos):
                 sel = sorted((r for r in rows if r["window_epoch"] == ep and r["algorithm"] == a), key=lambda r: r["step"])
                 if not sel:
                     continue
+                n_runs |= {r.get("n_runs", 1) for r in sel}
                 y = [max(r[col], 1e-16) for r in sel]
-                if not a.startswith("k-fac"):
+                if a.startswith("k-fac"):
+                    kfac_low += y
+                else:
                     shown += y
                 ls, mk = _STYLES.get(a, ("-", None))
+                every = max(len(sel) // 6, 1)
+                if len(seeds) > 1:
+                    for sd in seeds:
+                        ss = sorted((r for r in runs if r["seed"] == sd and r["window_epoch"] == ep and r["algorithm"] == a
+                                     and col in r), key=lambda r: r["step"])
+                        ax.plot([r["step"] for r in ss], [max(r[col], 1e-16) for r in ss], color=cmap(c % 10), lw=0.6,
+                                ls=ls, alpha=0.25)
                 ax.plot([r["step"] for r in sel], y, label=labels[a], color=cmap(c % 10), lw=1.1, ls=ls,
-                        marker=mk, markevery=max(len(sel) // 6, 1), ms=3.5)
+                        marker=mk, markevery=((c * every) // max(len(algos), 1), every), ms=3.5)
                 if phi_change is None and "phi" in sel[0]:
                     phi_change = next((r["step"] for r in sel if r["phi"] != sel[0]["phi"]), None)
             ax.set_yscale("log")
             lo, hi = _log_range(shown or [1.0])
             ax.set_ylim(lo, hi)
+            if any(v < lo for v in kfac_low):
+                ax.text(0.99, 0.02, "k-fac's refresh dips run below the axis", transform=ax.transAxes, fontsize=6.5,
+                        ha="right", va="bottom", color="0.35")
             if phi_change is not None:
                 ax.axvline(phi_change, color="0.4", lw=0.8, ls="--")
                 ax.text(phi_change, hi, " damping changes", fontsize=7, va="top", color="0.3")
-            ax.set_title(f"epoch {ep}: ({m}) {METRIC_NAMES[m]}", fontsize=8)
-            ax.set_ylabel("relative error" if m != 4 else "1 - cos", fontsize=8)
+            runs_note = "/".join(str(n) for n in sorted(n_runs)) or "1"
+            ax.set_title(f"epoch {ep}: ({m}) {METRIC_NAMES[m]}\nmean of {runs_note} seed(s)", fontsize=8)
+            ax.set_ylabel(_METRIC_YLABELS[m], fontsize=8)
             ax.tick_params(which="both", labelsize=7)
             if i == len(epochs) - 1:
                 ax.set_xlabel("step in window (FC layer 0)", fontsize=8)
@@ -1346,18 +1379,21 @@ def plot_spectrum_decay(spectrum_rows: list[dict], window_starts: dict | None = 
                         path=None, *, width: float = 7.0):
     """FC0's spectrum decay along the reference trajectory (``seed<k>/spectrum.csv``): the
     fraction of the trace held by the top ``r`` eigenvalues and ``lambda_r / lambda_1`` per
-    factor against the training step, with the error study's windows shaded."""
+    factor against the training step (each factor its own line style and marker), with the
+    error study's windows shaded and the legend below the panels."""
     import matplotlib.pyplot as plt
 
     if not spectrum_rows:
         raise ValueError("spectrum_rows is empty")
-    fig, axes = plt.subplots(1, 2, figsize=(width, 2.8), squeeze=False)
-    for ax, col, name in ((axes[0][0], "top_r_trace_fraction", "trace held by the top r eigenvalues"),
-                          (axes[0][1], "lam_r_over_lam_1", "lambda_r / lambda_1")):
-        for fac, ls in (("A", "-"), ("G", "--")):
+    fig, axes = plt.subplots(1, 2, figsize=(width, 3.1), squeeze=False)
+    for ax, col, name, ylabel in ((axes[0][0], "top_r_trace_fraction", "trace held by the top r eigenvalues",
+                                   "fraction of the trace"),
+                                  (axes[0][1], "lam_r_over_lam_1", "lambda_r / lambda_1",
+                                   r"$\lambda_r / \lambda_1$ (ratio)")):
+        for fac, ls, mk in (("A", "-", "o"), ("G", "--", "s")):
             sel = sorted((r for r in spectrum_rows if r["factor"] == fac), key=lambda r: int(float(r["step"])))
-            ax.plot([int(float(r["step"])) for r in sel], [float(r[col]) for r in sel], ls=ls,
-                    label="A (input)" if fac == "A" else "Gamma (output gradient)")
+            ax.plot([int(float(r["step"])) for r in sel], [float(r[col]) for r in sel], ls=ls, marker=mk, ms=3,
+                    markevery=max(len(sel) // 8, 1), label="A (input)" if fac == "A" else "Gamma (output gradient)")
         for e, k0 in (window_starts or {}).items():
             ax.axvspan(int(k0), int(k0) + (window or 0), color="0.85", zorder=0)
             ax.text(int(k0), ax.get_ylim()[1], f" window, epoch {e}", fontsize=7, va="top")
@@ -1365,14 +1401,49 @@ def plot_spectrum_decay(spectrum_rows: list[dict], window_starts: dict | None = 
             ax.set_yscale("log")
         ax.set_title(f"FC0: {name}", fontsize=8)
         ax.set_xlabel("training step", fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(True, alpha=0.25)
-    axes[0][0].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=130)
     return fig
+
+
+def table1_over_seeds(run_rows: list[dict], runs: Sequence[dict] = (), *, epoch: int | None = None) -> list[dict]:
+    """Table 1 over the seeds of the study: per algorithm, each metric's window average
+    (:func:`table1` on each seed's rows of ``metrics_runs.csv``) as mean and sd over the seeds,
+    and the FC0 update cost per window step (``runs``: ``config.json``'s per-seed diagnostics,
+    their ``update_ms_per_step``) likewise, with ``n_seeds``; beside the paper's values
+    (:data:`PAPER_TABLE1`: its metric averages and ``t_epoch``). ``epoch`` defaults to the last
+    window epoch. Spreads are NaN below two seeds."""
+    from .verdicts import mean_sd
+
+    rows = _num(run_rows)
+    if not rows:
+        raise ValueError("run_rows is empty")
+    if epoch is None:
+        epoch = max(r["window_epoch"] for r in rows)
+    seeds = sorted({r.get("seed", 0) for r in rows})
+    ms = {int(d.get("seed", 0)): d.get("update_ms_per_step", {}).get(str(epoch), {}) for d in runs}
+    per_seed = {sd: {t["algorithm"]: t for t in table1([r for r in rows if r.get("seed", 0) == sd], epoch=epoch,
+                                                          update_ms=ms.get(sd))}
+                for sd in seeds}
+    algos = list(dict.fromkeys(a for t in per_seed.values() for a in t))
+    out = []
+    for a in algos:
+        have = [per_seed[sd][a] for sd in seeds if a in per_seed[sd]]
+        row = dict(algorithm=a, label=have[0]["label"], window_epoch=epoch, n_seeds=len(have))
+        for m in (1, 2, 3, 4):
+            row[f"metric{m}_mean"], row[f"metric{m}_sd"], _ = mean_sd([h[f"avg_metric{m}"] for h in have])
+        upd = [h["fc0_update_ms_per_step"] for h in have if h["fc0_update_ms_per_step"] != ""]
+        row["update_ms_mean"], row["update_ms_sd"], row["update_ms_n"] = mean_sd(upd)
+        row.update({k: v for k, v in have[0].items() if k.startswith("paper_")})  # table1's paper columns
+        out.append(row)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,14 @@
 * :func:`plan_results`, :func:`format_plan`, :func:`execute_plan` -- what ``bkfac reproduce``
   does with the stored results before it executes the chapters: reuse, train, resume or
   retrain each, with the estimated cost, said before anything trains.
-* :func:`table2_rows`, :func:`paper_table2` -- our Table 2 and the paper's published one.
+* :func:`table2_rows`, :func:`paper_table2` -- our Table 2 (one seed) and the paper's published one.
+* :func:`ensure_seed_runs`, :func:`table2_over_seeds`, :func:`paper_table2_rows`,
+  :func:`table2_display` -- Table 2 over every stored seed (seeds land as they are trained:
+  any subset is read, ``n`` is said per cell), beside the paper's ``mean ± sd`` of 10 runs.
+* :func:`bench_step_for`, :func:`read_bench_step`, :func:`read_epoch_runs`,
+  :func:`t_epoch_display` -- the per-epoch cost columns: the trainings' ``t_epoch``, the
+  side-by-side ``bkfac bench step`` of the same model, the GPU timings of the paper's model
+  (``data/results/bench/``), the paper's ``t_epoch``, each also as a ratio to k-fac's.
 
 A stored result is reused only when its inputs are identical to what the profile runs today
 (:func:`bkfac.experiments.manifest.run_status`); a stale one (other inputs) or one that records
@@ -56,8 +63,25 @@ __all__ = [
     "execute_plan",
     "FROM_SCRATCH_COST",
     "table2_rows",
+    "table2_over_seeds",
     "paper_table2",
     "paper_table1",
+    "PAPER_TARGETS",
+    "target_keys",
+    "seeds_present",
+    "ensure_seed_runs",
+    "paper_table2_rows",
+    "format_mean_sd",
+    "paired_paper_targets",
+    "table2_display",
+    "BenchStep",
+    "read_bench_step",
+    "bench_root",
+    "bench_step_for",
+    "read_epoch_runs",
+    "t_epoch_display",
+    "plot_accuracy_curves",
+    "fc0_shape",
 ]
 
 
@@ -362,10 +386,12 @@ def ensure_runs(profile, runs, *, seed: int = 0, device: str = "cpu", data_dir=N
     Before training, one line says what is trained and why. An unfinished run (a history or
     checkpoint without summary, e.g. one being trained now) is never overwritten: it is resumed
     from its checkpoint only for non-committed profiles; for ``cpu``/``paper`` it is ``None``.
+    A run folder that another process is training into now (it holds the folder's training
+    lock), even before its first epoch is written, is likewise ``None`` for ``cpu``/``paper``.
     A folder whose files disagree (:func:`bkfac.experiments.results.run_state`) raises
     ``ValueError`` naming them."""
     from .. import book
-    from .manifest import run_status
+    from .manifest import _busy, run_status
     from .results import run_state
     from .train import load_history, summarize, train_run
 
@@ -379,7 +405,7 @@ def ensure_runs(profile, runs, *, seed: int = 0, device: str = "cpu", data_dir=N
             raise ValueError(f"run {run!r} is not a run of profile {profile.name!r}; runs: {', '.join(profile.runs)}")
         folder = root / profile.name / run / f"seed{seed}"
         state = run_state(folder)
-        if state == "partial" and profile.name in book.IN_PLACE_PROFILES:
+        if profile.name in book.IN_PLACE_PROFILES and (state == "partial" or (folder.is_dir() and _busy(folder))):
             out[run] = None  # maybe being trained right now: `bkfac reproduce` resumes it when it is not
             continue
         rs = run_status(profile, root, run, seed)
@@ -500,3 +526,338 @@ def paper_table2() -> dict[str, dict]:
 def paper_table1() -> dict[str, dict]:
     """The paper's Table 1 (``data/paper/table1.csv``), keyed by optimizer label."""
     return {r["optimizer"]: r for r in _paper_csv("table1.csv")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Table 2 over seeds, the paper's Table 2 in the same form, and the per-epoch cost columns
+# ---------------------------------------------------------------------------------------------
+
+#: The paper's target accuracies (its Table 2 columns), lowest first, as table keys.
+PAPER_TARGETS = ("91", "93", "93.5")
+#: Our run names for the paper's row labels that differ from them.
+_PAPER_ALIASES = {"r-kfac T_inv=25": "r-kfac-tinv25"}
+#: The paper's Table 2 t_epoch is over every epoch of its 10 runs of 50 epochs ("500 samples").
+PAPER_EPOCH_SAMPLES = 500
+
+
+def target_keys(profile) -> list[str]:
+    """The profile's target accuracies as the keys of the summaries and tables (``0.75 -> "75"``)."""
+    return [f"{a * 100:g}" for a in profile.train["targets"]]
+
+
+def seeds_present(profile, run: str) -> list[int]:
+    """The seeds of ``run`` with a finished result (``summary.json``) under :func:`results_root`,
+    whether or not the profile lists them (seeds land as they are trained)."""
+    folder = results_root(profile.name) / profile.name / run
+    out = []
+    for d in folder.glob("seed*"):
+        if d.name[4:].isdigit() and (d / "summary.json").is_file():
+            out.append(int(d.name[4:]))
+    return sorted(out)
+
+
+def ensure_seed_runs(profile, runs, *, seed: int | None = None, device: str = "cpu", data_dir=None,
+                     train_missing: bool = True, progress: bool = False, stale: str | None = None
+                     ) -> dict[str, list[dict]]:
+    """Every stored seed of every run: ``{run: [result, ...]}`` ordered by seed, each result as
+    :func:`ensure_runs` returns it plus ``"seed"``. ``seed`` (default: the profile's first) goes
+    through :func:`ensure_runs` with ``train_missing`` -- a missing run is trained, as
+    ``bkfac reproduce`` plans it; every other finished seed found under :func:`results_root`,
+    whether or not the profile lists it, is read back and never trained (seeds land as they are
+    trained: ``bkfac train --seed k``). A seed without results (or being trained now) is left
+    out, so a run may have fewer seeds than another."""
+    runs = list(runs)
+    first = profile.train["seeds"][0] if seed is None else seed
+    found = sorted({s for r in runs for s in seeds_present(profile, r)} - {first})
+    out: dict[str, list[dict]] = {r: [] for r in runs}
+    for k in [first] + found:
+        got = ensure_runs(profile, runs, seed=k, device=device, data_dir=data_dir,
+                          train_missing=train_missing and k == first, progress=progress, stale=stale)
+        for r, res in got.items():
+            if res is not None:
+                out[r].append(dict(res, seed=k))
+    for r in out:
+        out[r].sort(key=lambda res: res["seed"])
+    return out
+
+
+def paper_table2_rows() -> dict[str, dict]:
+    """The paper's Table 2 in the form of :func:`table2_over_seeds` (keyed by our run names,
+    targets :data:`PAPER_TARGETS`): times to each target (mean, sd over the runs that reach it;
+    "all solvers get to 93% accuracy 10 out of 10 times", so 10 hits at 91 % and 93 %, "# hit
+    93.5%" at 93.5 %), ``t_epoch`` over :data:`PAPER_EPOCH_SAMPLES` epochs, epochs to 93 %."""
+    out = {}
+    f = lambda v: float(v) if v not in (None, "") else math.nan  # noqa: E731
+    for label, p in paper_table2().items():
+        n = int(p["runs"])
+        row = dict(run=_PAPER_ALIASES.get(label, label), label=label, n_seeds=n)
+        for key, col in zip(PAPER_TARGETS, ("91", "93", "935")):
+            row[f"time_to_{key}_mean"], row[f"time_to_{key}_sd"] = f(p[f"t_acc{col}_mean_s"]), f(p[f"t_acc{col}_sd_s"])
+            row[f"hits_{key}"] = int(p["hits_935"]) if key == "93.5" else n
+        row["t_epoch_mean"], row["t_epoch_sd"], row["t_epoch_samples"] = (f(p["t_epoch_mean_s"]), f(p["t_epoch_sd_s"]),
+                                                                          PAPER_EPOCH_SAMPLES)
+        row["epochs_to_93_mean"], row["epochs_to_93_sd"] = f(p["n_acc93_mean"]), f(p["n_acc93_sd"])
+        out[row["run"]] = row
+    return out
+
+
+def format_mean_sd(mean, sd=math.nan, n: int | None = None, digits: int = 0, fmt: str | None = None) -> str:
+    """``"1237 ± 40 (3)"``: a table cell of a mean over runs, its sd where there is one, and the
+    number of runs ``n`` behind it when given; ``"-"`` where there is no value. Numbers are
+    written with ``digits`` decimals, or with the format spec ``fmt`` (e.g. ``".2e"``)."""
+    if mean is None or mean == "" or not math.isfinite(float(mean)) or n == 0:
+        return "-"
+    spec = fmt or f".{digits}f"
+    cell = format(float(mean), spec)
+    if sd is not None and sd != "" and math.isfinite(float(sd)):
+        cell += f" ± {format(float(sd), spec)}"
+    return cell + (f" ({n})" if n is not None else "")
+
+
+def paired_paper_targets(n: int) -> list[str]:
+    """The paper's targets (:data:`PAPER_TARGETS`) paired with a profile's ``n`` targets, lowest
+    with lowest and top with top (all three for ``n = 3``; 91 % and 93.5 % for ``n = 2``)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    last = len(PAPER_TARGETS) - 1
+    if n == 1:
+        return [PAPER_TARGETS[-1]]
+    return [PAPER_TARGETS[round(i * last / (n - 1))] for i in range(n)]
+
+
+def table2_display(profile, rows: list[dict], paper_rows: dict[str, dict] | None = None) -> list[dict]:
+    """The cells of chapter 6's Table 2: per run, ours beside the paper's for each pair of
+    targets (ours lowest with the paper's lowest, ...), the hits of the top target out of the
+    seeds, the epochs to the middle target and the final accuracy (targets paired by
+    :func:`paired_paper_targets`). Ours are ``mean ± sd (n)``
+    over the seeds (:func:`table2_over_seeds` rows), the paper's ``mean ± sd`` of its 10 runs
+    (:func:`paper_table2_rows`)."""
+    paper_rows = paper_table2_rows() if paper_rows is None else paper_rows
+    ours_t = target_keys(profile)
+    mid, top = ours_t[len(ours_t) // 2], ours_t[-1]
+    out = []
+    for r in rows:
+        p = paper_rows.get(r["run"], {})
+        line = {"run": r["label"], "seeds": r["n_seeds"]}
+        for ours, theirs in zip(ours_t, paired_paper_targets(len(ours_t))):
+            line[f"t to {ours}% (s)"] = format_mean_sd(r[f"time_to_{ours}_mean"], r[f"time_to_{ours}_sd"],
+                                                     r[f"hits_{ours}"])
+            line[f"paper t to {theirs}%"] = (format_mean_sd(p[f"time_to_{theirs}_mean"], p[f"time_to_{theirs}_sd"])
+                                            if p else "-")
+        line[f"hit {top}%"] = f"{r[f'hits_{top}']} of {r['n_seeds']}"
+        line["paper hit 93.5%"] = f"{p['hits_93.5']} of {p['n_seeds']}" if p else "-"
+        line[f"epochs to {mid}%"] = format_mean_sd(r[f"epochs_to_{mid}_mean"], r[f"epochs_to_{mid}_sd"],
+                                                  r[f"hits_{mid}"], digits=1)
+        line["paper epochs to 93%"] = format_mean_sd(p["epochs_to_93_mean"], p["epochs_to_93_sd"], digits=1) if p else "-"
+        line["final acc (%)"] = format_mean_sd(100 * r["final_acc_mean"], 100 * r["final_acc_sd"], r["n_seeds"], 1)
+        out.append(line)
+    return out
+
+
+@dataclass
+class BenchStep:
+    """A stored ``bkfac bench step`` (``step.csv``, ``step.log``, ``profile.yaml``): per
+    optimizer, the amortised seconds per step and per epoch, measured side by side."""
+
+    folder: Path
+    rows: dict  # optimizer -> step.csv row (numbers as float)
+    machine: str  # the log's "machine:" line, or "" when absent
+
+    def epoch_seconds(self, run: str) -> float | None:
+        r = self.rows.get(run)
+        return None if r is None else float(r["epoch_s"])
+
+    @property
+    def where(self) -> str:
+        from .. import book
+
+        return book.display_path(self.folder)
+
+
+def read_bench_step(folder) -> BenchStep:
+    """Read a ``bkfac bench step`` folder (``data/results/bench/<name>/``)."""
+    from .results import read_csv
+
+    folder = Path(folder)
+    if not (folder / "step.csv").is_file():
+        raise ValueError(f"{folder} holds no step.csv (not a `bkfac bench step` folder)")
+    rows = {r["optimizer"]: r for r in read_csv(folder / "step.csv")}
+    machine = ""
+    if (folder / "step.log").is_file():
+        machine = next((ln.strip()[len("machine:"):].strip() for ln in (folder / "step.log").read_text().splitlines()
+                        if ln.startswith("machine:")), "")
+    return BenchStep(folder, rows, machine)
+
+
+def bench_root() -> Path:
+    """``data/results/bench`` of the repository: benchmarks are measurements of the machine, the
+    same for every profile's chapters."""
+    from .. import book
+
+    return book.repo_root() / "data" / "results" / "bench"
+
+
+def bench_step_for(profile, root=None) -> BenchStep | None:
+    """The stored ``bkfac bench step`` of ``profile``'s model: among ``<root>/*/profile.yaml``
+    (default :func:`bench_root`) those of the same profile name and model, the one that also
+    agrees on the training settings (epochs, batch), then on the K-FAC settings, then by folder
+    name; ``None`` when no stored bench step measured this model."""
+    import yaml
+
+    root = Path(root) if root is not None else bench_root()
+    best = None
+    for y in sorted(root.glob("*/profile.yaml")):
+        if not (y.parent / "step.csv").is_file():
+            continue
+        try:
+            raw = yaml.safe_load(y.read_text())
+        except yaml.YAMLError:
+            continue
+        if not isinstance(raw, dict) or raw.get("name") != profile.name or raw.get("model") != profile.model:
+            continue
+        train = raw.get("train") or {}
+        score = (sum(train.get(k) == profile.train.get(k) for k in ("epochs", "batch_size")),
+                 raw.get("kfac") == profile.raw.get("kfac"))
+        if best is None or score > best[0]:
+            best = (score, y.parent)
+    return read_bench_step(best[1]) if best else None
+
+
+def read_epoch_runs(folder) -> dict[str, float]:
+    """``{run: t_epoch_mean}`` of the one-epoch trainings stored under ``folder/<run>/summary.json``
+    (``bkfac train --synthetic-data`` timings, e.g. ``data/results/bench/cuda-h200/epochs``)."""
+    out = {}
+    for s in sorted(Path(folder).glob("*/summary.json")):
+        with open(s) as fh:
+            d = json.load(fh)
+        out[d.get("run", s.parent.name)] = float(d["t_epoch_mean"])
+    return out
+
+
+def t_epoch_display(rows: list[dict], paper_rows: dict[str, dict] | None = None, *, bench: BenchStep | None = None,
+                    gpu_epochs: dict[str, float] | None = None, gpu_step: BenchStep | None = None) -> list[dict]:
+    """The cells of chapter 6's per-epoch cost table: per run, the trainings' ``t_epoch``
+    (``mean ± sd (epochs)`` over every epoch of every seed), the side-by-side ``bench step``
+    epoch of the same model (``bench``), the paper's model on a GPU timed by one training epoch
+    (``gpu_epochs``) and by ``bench step`` (``gpu_step``), the paper's ``t_epoch``; and each as a
+    ratio to k-fac's in the same column, which is what compares across machines."""
+    paper_rows = paper_table2_rows() if paper_rows is None else paper_rows
+    cols = {
+        "trainings": {r["run"]: r["t_epoch_mean"] for r in rows},
+        "bench": {r["run"]: bench.epoch_seconds(r["run"]) for r in rows} if bench else {},
+        "gpu epoch": dict(gpu_epochs or {}),
+        "gpu step": {r["run"]: gpu_step.epoch_seconds(r["run"]) for r in rows} if gpu_step else {},
+        "paper": {k: v["t_epoch_mean"] for k, v in paper_rows.items()},
+    }
+
+    def ratio(col, run):
+        v, k = cols[col].get(run), cols[col].get("k-fac")
+        return f"{v / k:.2f}" if v is not None and k and math.isfinite(v) and math.isfinite(k) else "-"
+
+    def secs(col, run, digits=1):
+        v = cols[col].get(run)
+        return f"{v:.{digits}f}" if v is not None and math.isfinite(v) else "-"
+
+    out = []
+    for r in rows:
+        run = r["run"]
+        p = paper_rows.get(run)
+        out.append({
+            "run": r["label"],
+            "trainings t_epoch (s)": format_mean_sd(r["t_epoch_mean"], r["t_epoch_sd"], r["t_epoch_samples"], 1),
+            "trainings / k-fac": ratio("trainings", run),
+            "bench step epoch (s)": secs("bench", run),
+            "bench / k-fac": ratio("bench", run),
+            "GPU, 1 epoch (s)": secs("gpu epoch", run, 2),
+            "GPU, bench step epoch (s)": secs("gpu step", run, 2),
+            "GPU bench / k-fac": ratio("gpu step", run),
+            "paper t_epoch (s)": format_mean_sd(p["t_epoch_mean"], p["t_epoch_sd"], digits=1) if p else "-",
+            "paper / k-fac": ratio("paper", run),
+        })
+    return out
+
+
+#: Line style and marker of each run in chapter 6's curves (overlapping runs stay visible).
+_RUN_STYLES = {
+    "sgd": ((0, (5, 2)), "x"), "seng": ("-.", "v"), "k-fac": ((0, (1, 1)), "+"), "r-kfac": ((0, (3, 1, 1, 1)), "D"),
+    "r-kfac-tinv25": ((0, (6, 1, 1, 1, 1, 1)), "P"), "b-kfac": ("-", "o"), "b-kfac-c": (":", "^"),
+    "b-r-kfac": ("--", "s"), "sre-kfac": ((0, (2, 2)), "*"),
+}
+
+
+def _changes(schedule) -> list[tuple[int, object, object]]:
+    """``(epoch, before, after)`` for each change of an epoch schedule ``{epoch: value}``."""
+    if not isinstance(schedule, dict):
+        return []
+    items = sorted((int(k), v) for k, v in schedule.items())
+    return [(e, items[i - 1][1], v) for i, (e, v) in enumerate(items) if i and v != items[i - 1][1]]
+
+
+def plot_accuracy_curves(profile, results: dict[str, list[dict]], *, width: float = 8.0, floor: float | None = None):
+    """Chapter 6's accuracy curves: test accuracy (%) against cumulative training time (s, left)
+    and against the epoch (right), one faint line per seed and the mean over the seeds (at each
+    epoch all of them reached) as a bold line with its run's own style and marker; the profile's
+    targets dotted; the K-FAC damping changes of the profile (``kfac.damping_phi``) marked on the
+    epoch axis; the legend below the panels. The y-range starts at ``floor`` (default: 15 points
+    below the lowest target), so the first epochs of the slow starters do not set the scale.
+    ``results`` maps a run to its seeds' results (:func:`ensure_seed_runs`). Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    if not any(results.values()):
+        raise ValueError("results holds no run with a stored seed")
+    targets = [100 * a for a in profile.train["targets"]]
+    lo = floor if floor is not None else max(0.0, min(targets) - 15.0)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(width, 4.0), sharey=True)
+    cmap = plt.get_cmap("tab10")
+    top = lo + 1.0
+    for i, (run, seeds) in enumerate(results.items()):
+        if not seeds:
+            continue
+        color = cmap(i % 10)
+        ls, mk = _RUN_STYLES.get(run, ("-", "o"))
+        n_ep = min(len(s["history"]) for s in seeds)
+        for s in seeds:
+            h = s["history"]
+            a1.plot([float(r["train_seconds"]) for r in h], [100 * float(r["test_acc"]) for r in h], color=color,
+                    lw=0.7, alpha=0.3, ls=ls)
+            a2.plot([int(float(r["epoch"])) for r in h], [100 * float(r["test_acc"]) for r in h], color=color,
+                    lw=0.7, alpha=0.3, ls=ls)
+        mean_t = [sum(float(s["history"][e]["train_seconds"]) for s in seeds) / len(seeds) for e in range(n_ep)]
+        mean_a = [100 * sum(float(s["history"][e]["test_acc"]) for s in seeds) / len(seeds) for e in range(n_ep)]
+        label = f"{profile.resolve_run(run)[2]} (n={len(seeds)})"
+        a1.plot(mean_t, mean_a, color=color, lw=1.5, ls=ls, marker=mk, ms=4, label=label)
+        a2.plot(range(1, n_ep + 1), mean_a, color=color, lw=1.5, ls=ls, marker=mk, ms=4)
+        top = max([top] + mean_a + [100 * float(r["test_acc"]) for s in seeds for r in s["history"]])
+    for ax in (a1, a2):
+        for t in targets:
+            ax.axhline(t, color="0.5", ls=":", lw=0.8)
+        ax.grid(True, alpha=0.3)
+        ax.set_ylim(lo, top + 1.0)
+    for t in targets:
+        a2.text(a2.get_xlim()[1], t, f" {t:g}%", fontsize=7, va="center", ha="left", color="0.4")
+    for e, before, after in _changes(profile.raw.get("kfac", {}).get("damping_phi")):
+        a2.axvline(e - 0.5, color="0.3", ls="--", lw=0.8)
+        a2.text(e - 0.5, lo + 0.5, f" K-FAC damping {before} -> {after}", fontsize=7, rotation=90, va="bottom",
+                ha="right", color="0.3")
+    a1.set_xlabel("cumulative training time (s)")
+    a2.set_xlabel("epoch")
+    a1.set_ylabel("test accuracy (%)")
+    a1.set_title(f"y-axis from {lo:g} %: earlier epochs below it", fontsize=8)
+    a2.set_title("faint: each seed; bold: mean over seeds", fontsize=8)
+    handles, names = a1.get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=4, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * (-(-len(names) // 4)) + 0.02, 1, 1))
+    return fig
+
+
+def fc0_shape(profile) -> tuple[int, int]:
+    """``(in_features, out_features)`` of the first fully-connected layer (FC0) of ``profile``'s
+    model, built on the ``meta`` device (no memory, no weights)."""
+    from .models import build_model
+
+    with torch.device("meta"):
+        model = build_model(profile.model)
+    fc = next((m for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
+    if fc is None:
+        raise ValueError(f"profile {profile.name!r}'s model has no fully-connected layer")
+    return fc.in_features, fc.out_features
