@@ -94,7 +94,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..optim.kfac import check_names, check_param_state, signature_defaults, warn_once_per_model
+from ..optim.kfac import (
+    amp_loss_scale,
+    autocast_off,
+    check_names,
+    check_param_state,
+    signature_defaults,
+    unscale_gradients,
+    warn_once_per_model,
+)
 from ..optim.timer import PhaseTimer
 
 __all__ = ["SENG", "seng_exp_lr"]
@@ -293,10 +301,19 @@ class SENG(torch.optim.Optimizer):
 
     Every argument is checked at construction (:meth:`check_hyper`, also without a model):
     ``ValueError`` naming it.
+
+    Mixed precision: under ``torch.autocast`` the captured inputs and output gradients are
+    cast to the parameters' dtype before the curvature is built, and the step itself runs
+    with autocast off. With ``torch.amp.GradScaler`` the scaler hands the step its scale
+    and overflow flag (:func:`~bkfac.optim.kfac.amp_loss_scale`): an overflowed step changes
+    nothing (not even the step count), otherwise the gradients and the captured output
+    gradients are unscaled here; do not call ``scaler.unscale_(optimizer)`` before
+    ``scaler.step(optimizer)`` (``RuntimeError``).
     """
 
     algorithm = "seng"
     _unused: dict = {}
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -577,8 +594,11 @@ class SENG(torch.optim.Optimizer):
                 "before a curvature step; run the forward in model.train() mode with gradients "
                 "enabled, then backward, with the optimizer's hooks in place"
             )
-        x = layer.records[0]["input"]
-        gy = layer.records[0]["grad_output"]
+        # Under autocast the records are in the lower precision (bfloat16, float16); the
+        # curvature is built in the parameters' dtype.
+        dtype = layer.weight.dtype
+        x = layer.records[0]["input"].to(dtype)
+        gy = layer.records[0]["grad_output"].to(dtype)
         mod = layer.module
         if layer.kind == "linear":
             if x.dim() == 1:
@@ -609,9 +629,10 @@ class SENG(torch.optim.Optimizer):
         idx = torch.randperm(size, generator=self._generator)[:k]
         return idx.sort().values.to(device)
 
-    def _refresh(self, layer: _Layer, damping: float) -> dict[str, Any] | None:
-        """Curvature step: build ``U`` (or its factors) and the sketched ``n x n`` matrix."""
-        g, a = self._factors(layer, scale=1.0)
+    def _refresh(self, layer: _Layer, damping: float, scale: float = 1.0) -> dict[str, Any] | None:
+        """Curvature step: build ``U`` (or its factors) and the sketched ``n x n`` matrix
+        (``scale`` divides a GradScaler's loss scale out of the recorded output gradients)."""
+        g, a = self._factors(layer, scale=scale)
         n = g.shape[0]
         g = g / math.sqrt(n)  # rows of U are u_i^T / sqrt(n)
         c = self.col_sample_size
@@ -755,6 +776,18 @@ class SENG(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        skip, loss_scale = amp_loss_scale(self, "SENG")
+        if skip:  # GradScaler: the scaled backward overflowed; this step changes nothing
+            for layer in self._layers:
+                layer.records.clear()
+            return loss
+        if loss_scale is not None:
+            unscale_gradients(self.param_groups, loss_scale)
+        with autocast_off(self.param_groups):
+            self._step(1.0 if loss_scale is None else loss_scale)
+        return loss
+
+    def _step(self, loss_scale: float) -> None:
         timer = self.timer
         timer.start_step()
         with timer.phase("rest"):
@@ -770,7 +803,7 @@ class SENG(torch.optim.Optimizer):
                     for layer in self._layers:
                         if layer.weight.grad is None:
                             continue
-                        fresh[layer.name] = self._refresh(layer, groups[layer.name]["damping"])
+                        fresh[layer.name] = self._refresh(layer, groups[layer.name]["damping"], 1.0 / loss_scale)
                 with timer.phase("inverse"):
                     for name, entry in fresh.items():
                         self._factorize(self._by_name[name], entry)
@@ -809,7 +842,6 @@ class SENG(torch.optim.Optimizer):
                     p.add_(d, alpha=-lr)
         self._step_count += 1
         self._epoch_steps += 1
-        return loss
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -36,6 +36,9 @@ layers then get the plain SGD step).
 Hooks record only in training mode with gradients enabled; in-place activations after a
 layer are fine (the gradient hook sits on the layer's own output). ``remove()`` takes the
 hooks away. Monte-Carlo Fisher (eq. 2): :meth:`KFactorCapture.sampled_fisher_backward`.
+Under ``torch.autocast`` the recorded tensors are in the autocast dtype; every batch matrix
+takes a ``dtype`` to build it in. Output gradients of a loss scaled by a ``GradScaler`` are
+divided by the scale given to :meth:`KFactorCapture.set_loss_scale` (until :meth:`clear`).
 Methods that only need ``A_k A_k^T`` and ``G_k G_k^T`` get them from
 :meth:`LayerCapture.batch_outer_A` / :meth:`LayerCapture.batch_outer_G` without forming the
 batch matrices.
@@ -99,6 +102,10 @@ class LayerCapture:
     forward_calls: int = 0
     backward_calls: int = 0
     handles: list = field(default_factory=list)
+    #: the factor the loss was multiplied by before the backward that recorded
+    #: ``grad_outputs`` (a ``GradScaler``'s scale; :meth:`KFactorCapture.set_loss_scale`):
+    #: ``G_k`` divides it out. Back to 1 on :meth:`clear`.
+    loss_scale: float = 1.0
 
     @property
     def params(self) -> list[Tensor]:
@@ -112,6 +119,7 @@ class LayerCapture:
         self.grad_outputs = None
         self.forward_calls = 0
         self.backward_calls = 0
+        self.loss_scale = 1.0
 
     # -- batch matrices -------------------------------------------------------------------
     def _inputs(self, dtype=None) -> Tensor:
@@ -189,8 +197,9 @@ class LayerCapture:
         return cols, g.shape[0]
 
     def _g_scale(self, reduction: str, n: int) -> float:
-        """``c`` with ``G_k = c * [g_{i,t}]``: ``n / sqrt(n)`` for a mean loss, ``1 / sqrt(n)`` for a sum."""
-        return math.sqrt(n) if reduction == "mean" else 1.0 / math.sqrt(n)
+        """``c`` with ``G_k = c * [g_{i,t}]``: ``n / sqrt(n)`` for a mean loss, ``1 / sqrt(n)`` for a sum
+        (over ``loss_scale`` when the recorded gradients are of a scaled loss)."""
+        return (math.sqrt(n) if reduction == "mean" else 1.0 / math.sqrt(n)) / self.loss_scale
 
     def batch_A(self, dtype=None) -> Tensor:
         """``A_k`` (d_A x N): the augmented input columns over ``sqrt(N)``."""
@@ -323,6 +332,15 @@ class KFactorCapture:
     def clear(self) -> None:
         for lc in self.layers:
             lc.clear()
+
+    def set_loss_scale(self, loss_scale: float) -> None:
+        """The recorded output gradients are of the loss times ``loss_scale`` (mixed precision
+        with ``torch.amp.GradScaler``): ``G_k`` and ``G_k G_k^T`` divide it out until
+        :meth:`clear`."""
+        if not (isinstance(loss_scale, float) and math.isfinite(loss_scale) and loss_scale > 0):
+            raise ValueError(f"loss_scale must be a positive finite float, got {loss_scale!r}")
+        for lc in self.layers:
+            lc.loss_scale = loss_scale
 
     def remove(self) -> None:
         """Remove every hook (the model is then an ordinary model again)."""

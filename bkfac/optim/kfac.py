@@ -38,6 +38,17 @@ One step ``k`` (``optimizer.step()`` after ``loss.backward()``), phases timed by
    Parameters of unsupported layers (BatchNorm, ...) get the plain SGD step with the same
    learning rate, weight decay and momentum (one ``UserWarning`` per model lists them).
 
+Mixed precision: the model may run under ``torch.autocast`` (bfloat16 or float16); the
+captured inputs and output gradients are cast to the factor dtype (default: the parameters',
+float32) before any statistic is formed, and ``step()`` runs with autocast off, so factors,
+decompositions and preconditioning stay in that dtype (``tests/test_autocast.py``). With
+``torch.amp.GradScaler``, ``scaler.step(optimizer)`` hands the step the loss scale and the
+overflow flag (:func:`amp_loss_scale`; the class sets ``_step_supports_amp_scaling``): a step
+whose scaled backward overflowed changes nothing (parameters, factors, step count), as
+GradScaler skips ``step()``; otherwise the gradients and the captured output gradients
+(``G_k``, empirical Fisher) are divided by the scale here. ``scaler.unscale_(optimizer)``
+before ``scaler.step`` is refused (``RuntimeError``): the optimizer clips by its own ``clip``.
+
 Hyper-parameters are checked when the optimizer is built (:meth:`KFACFamily.check_hyper`):
 a bad type or value, a period that does not divide another (``t_rsvd``, ``t_corct`` must be
 multiples of ``t_brand``) or a hyper-parameter the method does not use raises ``ValueError``
@@ -57,6 +68,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import numbers
@@ -303,6 +315,51 @@ def nonfinite_gradient(model: nn.Module, param_groups: list, step: int, pending:
         fail()
 
 
+def amp_loss_scale(optimizer: torch.optim.Optimizer, who: str) -> tuple[bool, float | None]:
+    """``(skip, loss_scale)`` of this step under ``torch.amp.GradScaler`` (optimizers with
+    ``_step_supports_amp_scaling``: K-FAC family, SENG).
+
+    ``GradScaler.step(optimizer)`` hands such an optimizer the tensors ``grad_scale`` (the
+    factor the loss was multiplied by) and ``found_inf`` as attributes instead of unscaling
+    the gradients itself, because the optimizer's captured output gradients carry the same
+    factor and only the optimizer can divide it out of them. ``skip`` is true when the scaled
+    backward overflowed (the step must change nothing, as GradScaler skips ``step()``);
+    ``loss_scale`` is ``None`` outside GradScaler. One host sync, only under GradScaler.
+    ``RuntimeError`` when ``scaler.unscale_(optimizer)`` ran before ``scaler.step``: the
+    gradients are then unscaled but the scale of the captured output gradients is unknown."""
+    found_inf = getattr(optimizer, "found_inf", None)
+    grad_scale = getattr(optimizer, "grad_scale", None)
+    if found_inf is None and grad_scale is None:
+        return False, None
+    if grad_scale is None:
+        raise RuntimeError(
+            f"{who}: scaler.unscale_(optimizer) was called before scaler.step(optimizer); this optimizer "
+            "divides the loss scale out of the gradients and of its captured output gradients itself, so "
+            "call scaler.step(optimizer) directly (it clips with its own clip settings)")
+    if found_inf is not None and bool(found_inf):
+        return True, None
+    return False, float(grad_scale)
+
+
+def autocast_off(param_groups: list):
+    """A context in which autocast is off for the parameters' device type (a step called
+    inside ``torch.autocast`` keeps its factors, decompositions and products in the factor
+    dtype); a no-op context where autocast is not on."""
+    p = next((p for g in param_groups for p in g["params"]), None)
+    dev = p.device.type if p is not None else "cpu"
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        return torch.autocast(dev, enabled=False)
+    return contextlib.nullcontext()
+
+
+def unscale_gradients(param_groups: list, loss_scale: float) -> None:
+    """Divide every gradient of ``param_groups`` by ``loss_scale`` in place (what
+    ``GradScaler.unscale_`` does for optimizers that leave it to the scaler)."""
+    grads = [p.grad for g in param_groups for p in g["params"] if p.grad is not None]
+    if grads and loss_scale != 1.0:
+        torch._foreach_mul_(grads, 1.0 / loss_scale)
+
+
 def check_param_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
     """Check a ``torch.optim`` state dict against ``optimizer`` before anything is loaded: the
     parameter groups and their sizes, and the shape of every per-parameter state tensor
@@ -479,6 +536,9 @@ class KFACFamily(torch.optim.Optimizer):
     algorithm = "k-fac-family"
     #: hyper-parameters of the family this method does not use: ``{name: why}`` (an error)
     _unused: dict = {}
+    #: ``torch.amp.GradScaler`` hands the step the loss scale and the overflow flag
+    #: (:func:`amp_loss_scale`): the captured output gradients carry the scale too
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -940,6 +1000,21 @@ class KFACFamily(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        skip, loss_scale = amp_loss_scale(self, self.algorithm)
+        if skip:  # GradScaler: the scaled backward overflowed; this step changes nothing
+            self.capture.clear()
+            if self.fisher == "mc":
+                self.capture.resume_recording()
+            return loss
+        if loss_scale is not None:
+            unscale_gradients(self.param_groups, loss_scale)
+            if self.fisher == "empirical":  # the Monte-Carlo backward was not scaled
+                self.capture.set_loss_scale(loss_scale)
+        with autocast_off(self.param_groups):
+            self._step()
+        return loss
+
+    def _step(self) -> None:
         k = self.steps
         timer = self.timer
         timer.start_step()
@@ -1030,7 +1105,6 @@ class KFACFamily(torch.optim.Optimizer):
             if self.fisher == "mc":
                 self.capture.resume_recording()
         self.steps += 1
-        return loss
 
     def _clip(self, updates: dict[int, Tensor]) -> None:
         if self.clip_mode is None or not updates:
