@@ -126,13 +126,16 @@ def _write_error_study(root: Path, profile):
 
 def test_changing_lr_schedule_marks_exactly_the_kfac_runs_stale(tmp_path):
     cpu = load_profile("cpu")
+    seeds = cpu.train["seeds"]
+    es_seeds = m.error_study_seeds(cpu)
     root = tmp_path / "results"
     for run in cpu.runs:
-        _write_run(root, cpu, run)
+        for s in seeds:
+            _write_run(root, cpu, run, s)
     _write_error_study(root, cpu)
     rows = m.collect_status(cpu, root)
-    assert {r.result for r in rows} == ({f"cpu/{r}/seed0" for r in cpu.runs}
-                                        | {"cpu/error_study", "cpu/error_study/seed0"})
+    es = {"cpu/error_study"} | {f"cpu/error_study/seed{s}" for s in es_seeds}
+    assert {r.result for r in rows} == ({f"cpu/{r}/seed{s}" for r in cpu.runs for s in seeds} | es)
     assert all(r.match == "current" and r.state == "done" for r in rows), [(r.result, r.why) for r in rows]
 
     raw = yaml.safe_load((PROFILE_DIR / "cpu.yaml").read_text())
@@ -142,18 +145,36 @@ def test_changing_lr_schedule_marks_exactly_the_kfac_runs_stale(tmp_path):
     copy_profile = load_profile(str(tmp_path / "cpu-copy.yaml"))
     assert copy_profile.name == "cpu"
     rows = {r.result: r for r in m.collect_status(copy_profile, root)}
-    kfac_runs = {f"cpu/{run}/seed0" for run, spec in cpu.runs.items() if spec["optimizer"] in KFAC_NAMES}
-    assert kfac_runs == {f"cpu/{r}/seed0" for r in ("k-fac", "r-kfac", "r-kfac-tinv25", "b-kfac", "b-kfac-c", "b-r-kfac")}
+    kfac = [run for run, spec in cpu.runs.items() if spec["optimizer"] in KFAC_NAMES]
+    assert sorted(kfac) == sorted(("k-fac", "r-kfac", "r-kfac-tinv25", "b-kfac", "b-kfac-c", "b-r-kfac"))
+    kfac_runs = {f"cpu/{run}/seed{s}" for run in kfac for s in seeds}
     # the error study's trajectory is k-fac with the profile's k-fac hyper-parameters: it is a K-FAC run too
-    expected_stale = kfac_runs | {"cpu/error_study", "cpu/error_study/seed0"}
-    assert {k for k, r in rows.items() if r.match == "stale"} == expected_stale
-    assert {k for k, r in rows.items() if r.match == "current"} == {"cpu/sgd/seed0", "cpu/seng/seed0"}
+    assert {k for k, r in rows.items() if r.match == "stale"} == kfac_runs | es
+    assert {k for k, r in rows.items() if r.match == "current"} == {f"cpu/{r}/seed{s}" for r in ("sgd", "seng")
+                                                                     for s in seeds}
     for k in kfac_runs:
         assert rows[k].keys == ["hyper.lr_schedule"], rows[k].keys
-    assert rows["cpu/error_study"].keys == ["kfac.k-fac.lr_schedule", "kfac.r-kfac.lr_schedule"]
-    assert rows["cpu/error_study/seed0"].keys == ["kfac.k-fac.lr_schedule", "kfac.r-kfac.lr_schedule"]
+    for k in es:
+        assert rows[k].keys == ["kfac.k-fac.lr_schedule", "kfac.r-kfac.lr_schedule"], (k, rows[k].keys)
     text = m.format_status(list(rows.values()))
     assert "stale: hyper.lr_schedule" in text and "cpu/sgd/seed0" in text
+
+
+def test_an_error_study_with_fewer_seeds_than_the_profile_is_partial_not_stale(tmp_path):
+    cpu = load_profile("cpu")
+    assert len(m.error_study_seeds(cpu)) > 1
+    raw = yaml.safe_load((PROFILE_DIR / "cpu.yaml").read_text())
+    one = copy.deepcopy(raw)
+    one["error_study"]["repeats"] = 1
+    one["train"]["seeds"] = [0]
+    (tmp_path / "cpu-one.yaml").write_text(yaml.safe_dump(one))
+    root = tmp_path / "results"
+    _write_error_study(root, load_profile(str(tmp_path / "cpu-one.yaml")))  # repeats: 1 recorded
+    rows = {r.result: r for r in m.error_study_status(cpu, root)}
+    assert rows["cpu/error_study"].state == "partial" and rows["cpu/error_study"].match == "current"
+    assert "seeds [0] of [0, 1, 2]" in rows["cpu/error_study"].progress
+    assert rows["cpu/error_study/seed0"].match == "current"
+    assert rows["cpu/error_study/seed1"].state == "missing"
 
 
 def test_status_says_why_a_result_is_not_current(tmp_path):

@@ -280,9 +280,13 @@ def _used_hyper(opt_name: str) -> set | None:
 
 def comparable_inputs(inputs: dict) -> dict:
     """``inputs`` less the hyper-parameters its optimizer does not use (a training run's
-    ``hyper``; the error study's ``kfac.<name>``): a value that cannot change a result, such as
+    ``hyper``; the error study's ``kfac.<name>``) and less the error study's ``repeats`` (the
+    number of seeds; each seed's own is recorded): a value that cannot change a result, such as
     the ``rank`` a profile's shared ``kfac`` section hands to k-fac, never makes it stale."""
     out = canonical(inputs)
+    if isinstance(out.get("error_study"), dict):
+        # how many seeds the study runs is not an input of any one seed's result
+        out["error_study"].pop("repeats", None)
     if isinstance(out.get("hyper"), dict) and isinstance(out.get("optimizer"), str):
         used = _used_hyper(out["optimizer"])
         if used is not None:
@@ -429,7 +433,12 @@ def error_study_status(profile: Profile, root: str | os.PathLike) -> list[Result
         combined.state = "done" if config.get("complete", True) else "incomplete"
         combined.provenance = provs[0] if provs else None
         combined.progress = f"seeds {config.get('seeds')}"
-        expected = expected_error_study_inputs(profile, error_study_seeds(profile))
+        want, have = list(error_study_seeds(profile)), config.get("seeds")
+        if combined.state == "done" and isinstance(have, list) and set(have) < set(want):
+            # fewer seeds than the profile asks for: partial, and compared on the seeds it holds
+            combined.state, combined.progress = "partial", f"seeds {have} of {want}"
+            want = have
+        expected = expected_error_study_inputs(profile, want)
         combined.match, combined.keys = _compare(config.get("inputs"), config.get("inputs_hash"), expected)
         if combined.match == "unknown":
             combined.detail = "config.json records no inputs (written before the study recorded them)"
