@@ -10,7 +10,9 @@ recording where, when the loss is not finite or exceeds ``diverged_at`` times th
 step's loss.
 
 ``bkfac probe`` is not a command: chapters and scripts call :func:`first_steps` and
-:func:`write_probe` (``data/results/<profile>/lr-probe/probe.csv``).
+:func:`write_probe` (``data/results/<profile>/lr-probe/probe.csv``); :func:`read_probe`,
+:func:`summarize_probe` (one row per configuration: did it diverge, did the loss fall) and
+:func:`plot_probe` show it.
 """
 
 from __future__ import annotations
@@ -27,9 +29,13 @@ from ..optim.factory import make_optimizer
 from .data import load_cifar10, make_loaders
 from .models import build_model
 from .profiles import Profile
-from .results import results_dir, write_csv
+from .results import read_csv, results_dir, write_csv
 
-__all__ = ["first_steps", "write_probe"]
+__all__ = ["first_steps", "write_probe", "read_probe", "summarize_probe", "plot_probe", "TRAINS_RULE"]
+
+#: When a probed configuration "trains" (:func:`summarize_probe`).
+TRAINS_RULE = ("it trains when no step diverged and the mean loss of its last 5 steps lies at least 5 % "
+               "below its first step's loss")
 
 
 def first_steps(profile: Profile, run: str, *, steps: int = 15, batch_size: int | None = None, seed: int = 0,
@@ -91,3 +97,64 @@ def write_probe(rows: list[dict], profile: str, out_root=None) -> Path:
     """Write the probe rows to ``<results>/<profile>/lr-probe/probe.csv`` (atomic)."""
     return write_csv(results_dir(profile, out_root) / "lr-probe" / "probe.csv", rows,
                      ["label", "run", "factor_init", "batch_size", "step", "loss", "lr", "seconds", "diverged"])
+
+
+def read_probe(profile: str, out_root=None) -> list[dict]:
+    """The rows :func:`write_probe` wrote for ``profile`` (numbers parsed; ``[]`` when absent)."""
+    path = results_dir(profile, out_root) / "lr-probe" / "probe.csv"
+    if not path.is_file():
+        return []
+    out = []
+    for r in read_csv(path):
+        out.append(dict(r, batch_size=int(r["batch_size"]), step=int(r["step"]), loss=float(r["loss"]),
+                        lr=float(r["lr"]), seconds=float(r["seconds"]) if r["seconds"] else None,
+                        diverged=r["diverged"] == "True"))
+    return out
+
+
+def summarize_probe(rows: list[dict], tail: int = 5, drop: float = 0.05) -> list[dict]:
+    """One row per configuration (``label``, in order of appearance): its start
+    (``factor_init``), lr, steps run, first loss, mean loss of the last ``tail`` steps, whether
+    a step diverged, and ``trains`` by :data:`TRAINS_RULE` (no divergence and the tail mean at
+    least ``drop`` below the first loss)."""
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    out = []
+    for label in labels:
+        sel = sorted((r for r in rows if r["label"] == label), key=lambda r: r["step"])
+        losses = [r["loss"] for r in sel]
+        diverged = any(r["diverged"] for r in sel)
+        last = sum(losses[-tail:]) / len(losses[-tail:])
+        out.append(dict(label=label, run=sel[0]["run"], factor_init=sel[0]["factor_init"], lr=sel[0]["lr"],
+                        batch_size=sel[0]["batch_size"], steps=len(sel), first_loss=losses[0], last_loss_mean=last,
+                        max_loss=max(losses), diverged=diverged,
+                        trains=(not diverged) and last <= (1.0 - drop) * losses[0]))
+    return out
+
+
+def plot_probe(panels: dict[str, list[dict]], path=None):
+    """Training loss over the first steps, one panel per model (``{title: rows}``), one line per
+    configuration: colour by the factor start, solid for lr 0.3 and dashed otherwise; a cross
+    marks a diverged step. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    colours = {"batch": "tab:red", "identity": "tab:blue"}
+    for ax, (title, rows) in zip(axes[0], panels.items()):
+        for label in dict.fromkeys(r["label"] for r in rows):
+            sel = sorted((r for r in rows if r["label"] == label), key=lambda r: r["step"])
+            ls = "-" if abs(sel[0]["lr"] - 0.3) < 1e-12 else "--"
+            ax.plot([r["step"] for r in sel], [r["loss"] for r in sel], ls, marker=".", ms=3,
+                    color=colours.get(sel[0]["factor_init"], "0.4"), label=label)
+            for r in sel:
+                if r["diverged"]:
+                    ax.plot(r["step"], r["loss"], "x", color="k", ms=8)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (cross-entropy, nats)")
+        ax.set_yscale("log")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    if path is not None:
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    return fig
