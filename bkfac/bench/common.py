@@ -174,6 +174,16 @@ def time_interleaved(
     return timings
 
 
+def round_ratios(runs: Sequence[float], base_runs: Sequence[float]) -> list[float]:
+    """Per-round ratios ``runs[i] / base_runs[i]`` of two functions timed by
+    :func:`time_interleaved` (round ``i`` ran both once, under the same load): their min and
+    max are the spread reported beside the ratio of the medians."""
+    pairs = [(a, b) for a, b in zip(runs, base_runs) if b > 0]
+    if not pairs:
+        raise ValueError("round_ratios needs at least one run of each function")
+    return [a / b for a, b in pairs]
+
+
 def time_fn(
     fn: Callable[[], object],
     *,

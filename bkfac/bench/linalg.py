@@ -42,6 +42,8 @@ from ..book import display_path
 from ..linalg import brand_update, rsvd, safe_eigh, srevd, truncate
 from .common import (
     format_table,
+    load_average,
+    round_ratios,
     loglog_slope,
     machine_info,
     resolve_device,
@@ -64,7 +66,8 @@ QUICK = {"dims": [96, 192, 384], "n": 16, "r": 12, "oversample": 4, "power_iters
 
 METHODS = ("bupdate", "rsvd", "srevd", "eigh")
 LABELS = {"bupdate": "B-update", "rsvd": "RSVD", "srevd": "SREVD", "eigh": "eigh"}
-ROW_COLUMNS = ["dim", "method", "seconds", "min_seconds", "runs", "ratio_to_bupdate", "state_bytes",
+ROW_COLUMNS = ["dim", "method", "seconds", "min_seconds", "runs", "ratio_to_bupdate", "ratio_min", "ratio_max",
+               "state_bytes",
                "peak_bytes", "top_eig_rel_diff", "n", "r", "q", "power_iters", "dtype", "device", "threads"]
 SLOPE_COLUMNS = ["method", "slope", "dim_min", "dim_max", "points"]
 TARGET_COLUMNS = ["target", "value", "threshold", "verdict"]
@@ -144,8 +147,10 @@ def bench_linalg(
     """Time the B-update, RSVD, SREVD and eigh for every ``dim``; one row per (dim, method).
 
     Row keys: :data:`ROW_COLUMNS`. ``ratio_to_bupdate`` is the method's median time over the
-    B-update's; ``top_eig_rel_diff`` compares the 10 leading eigenvalues with eigh's (or
-    SREVD's where eigh is skipped), relative to the largest.
+    B-update's; ``ratio_min`` .. ``ratio_max`` the spread of the per-round ratios (the i-th run
+    of the method over the i-th run of the B-update: the runs are interleaved round-robin, so
+    a round's two runs saw the same load); ``top_eig_rel_diff`` compares the 10 leading
+    eigenvalues with eigh's (or SREVD's where eigh is skipped), relative to the largest.
     """
     device = torch.device(device)
     rows: list[dict] = []
@@ -194,14 +199,17 @@ def _bench_one(prob, dim, n, r, oversample, power_iters, with_eigh, dtype, devic
         log(f"[linalg]   {LABELS[method]:8s} {timing.median:9.4f}s (runs {len(timing.runs)})", flush=True)
     ref = results["eigh"][1][1] if "eigh" in results else results["srevd"][1][1]
     base = results["bupdate"][0].median
+    base_runs = results["bupdate"][0].runs
     rows = []
     for method, (timing, (Uo, do)) in results.items():
+        spread = round_ratios(timing.runs, base_runs)
         randomized = method in ("rsvd", "srevd")
         # the B-update keeps only its representation; the others also keep the dense factor
         state = tensor_bytes(Uo, do) if method == "bupdate" else tensor_bytes(M, Uo, do)
         rows.append({
             "dim": dim, "method": method, "seconds": timing.median, "min_seconds": timing.min,
-            "runs": len(timing.runs), "ratio_to_bupdate": timing.median / base, "state_bytes": state,
+            "runs": len(timing.runs), "ratio_to_bupdate": timing.median / base, "ratio_min": min(spread),
+            "ratio_max": max(spread), "state_bytes": state,
             "peak_bytes": timing.peak_bytes, "top_eig_rel_diff": _top_diff(do, ref), "n": n, "r": r,
             "q": q if randomized else "", "power_iters": power_iters if randomized else "",
             "dtype": str(dtype).replace("torch.", ""), "device": str(device),
@@ -239,19 +247,21 @@ def check_targets(rows: list[dict], slopes: list[dict]) -> list[dict]:
 
 
 def wide_table(rows: list[dict]) -> tuple[list[dict], list[str], list[str]]:
-    """One line per dim: seconds, ratios to the B-update, state memory in MiB."""
+    """One line per dim: seconds, ratios to the B-update (RSVD's with the spread of its
+    per-round ratios), state memory in MiB."""
     by_dim: dict[int, dict] = {}
     for r in rows:
         line = by_dim.setdefault(r["dim"], {"dim": r["dim"]})
         line[f"{r['method']}_s"] = r["seconds"]
         if r["method"] != "bupdate":
             line[f"{r['method']}_x"] = r["ratio_to_bupdate"]
+            line[f"{r['method']}_range"] = f"{r['ratio_min']:.3g}-{r['ratio_max']:.3g}"
         line[f"{r['method']}_mib"] = r["state_bytes"] / 2**20
-    cols = ["dim", "bupdate_s", "rsvd_s", "srevd_s", "eigh_s", "rsvd_x", "srevd_x", "eigh_x",
+    cols = ["dim", "bupdate_s", "rsvd_s", "srevd_s", "eigh_s", "rsvd_x", "rsvd_range", "srevd_x", "eigh_x",
             "bupdate_mib", "rsvd_mib", "eigh_mib"]
-    heads = ["dim", "B-upd s", "RSVD s", "SREVD s", "eigh s", "RSVD/B", "SREVD/B", "eigh/B",
+    heads = ["dim", "B-upd s", "RSVD s", "SREVD s", "eigh s", "RSVD/B", "RSVD/B runs", "SREVD/B", "eigh/B",
              "B state MiB", "RSVD state MiB", "eigh state MiB"]
-    lines = [{c: line.get(c, float("nan")) for c in cols} for line in by_dim.values()]
+    lines = [{c: line.get(c, "" if c.endswith("_range") else float("nan")) for c in cols} for line in by_dim.values()]
     return lines, cols, heads
 
 
@@ -290,7 +300,8 @@ def main(args: argparse.Namespace) -> int:
     info = machine_info(device)
     print(f"bkfac bench linalg  ({'quick sizes' if args.quick else 'paper sizes'})")
     print(f"machine: {info['cpu_model']}, {info['cpu_cores']} cores, torch {info['torch_version']} "
-          f"({info['torch_threads']} threads), device {info['device']} [{info['device_name']}]")
+          f"({info['torch_threads']} threads), device {info['device']} [{info['device_name']}]; "
+          f"load average {load_average()}")
     print(f"dtype: {args.dtype}{' (what training uses)' if dtype == torch.float32 else ''}; n={cfg['n']}, "
           f"r={cfg['r']}, q=r+{cfg['oversample']}, power iterations {cfg['power_iters']}, rho 0.95, "
           f"eigh for dim <= 8192; median of up to {args.repeats} runs, interleaved")
@@ -308,6 +319,7 @@ def main(args: argparse.Namespace) -> int:
     print()
     for t in targets:
         print(f"target {t['verdict']:4s}  {t['target']}: {t['value']:.3g} (want {t['threshold']})")
+    print(f"load average after the run: {load_average()}")
     write_csv_atomic(out / "linalg.csv", rows, ROW_COLUMNS)
     write_csv_atomic(out / "linalg_slopes.csv", slopes, SLOPE_COLUMNS)
     write_csv_atomic(out / "linalg_targets.csv", targets, TARGET_COLUMNS)
