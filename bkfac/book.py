@@ -34,9 +34,10 @@ nbval in the directory of the copy). :func:`save_figure` and :func:`save_table` 
 file in ``manifest.json`` beside it (:func:`bkfac.experiments.manifest.record_output`: the
 notebook, the file's hash, the profile, the commit, and the stored results the kernel had read,
 which importing this module starts recording); :func:`run_stamp` and :func:`stamp_figure` say
-so when any of those results is not of the profile's current configuration. The ``smoke`` profile writes to ``.nbrun/smoke/``
-instead of ``figures/``, ``tables/`` and ``data/``, so a test run never overwrites the
-committed results.
+so when any of those results is not of the profile's current configuration, and, given the
+provenance the results record, how they were made (device, threads, torch, code: :func:`made_stamp`).
+The ``smoke`` profile writes to ``.nbrun/smoke/`` instead of ``figures/``, ``tables/`` and
+``data/``, so a test run never overwrites the committed results.
 
 Never set ``MPLBACKEND=Agg`` for notebook runs: it removes the figure outputs.
 """
