@@ -221,3 +221,54 @@ def test_deferred_checks_raise_the_gradient_error_and_leave_the_weights():
     with pytest.raises(FloatingPointError, match=r"non-finite gradient in parameter '0\.weight' at step 1"):
         opt.step()  # step 1: no factor observes, the checks are deferred to one sync
     assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+
+
+# ------------------------------------------------------------------ Alg. 8's step buffer
+
+
+@pytest.mark.parametrize("clip_mode,clip", [(None, None), ("rms", 1e-3), ("kl", 1e-6)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_alg8_step_in_its_buffer_equals_the_standard_route(clip_mode, clip, bias):
+    """Alg. 8 writes its step into a buffer kept between steps, as the weight block and the bias
+    column apart; clipping (RMS over both, KL against the gradient of each), weight decay and
+    momentum then act on those blocks. Reference: the same optimizer with ``linear_time=False``
+    (the step in matrix form from the formed gradient), float64, over 5 steps."""
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(48, 10, bias=bias), nn.ReLU(), nn.Linear(10, 4)).double()
+
+    moved = []
+    for linear_time in (True, False):
+        m = model()
+        opt = bkfac.BKFAC(m, lr=0.1, t_updt=1, t_inv=2, t_brand=1, rank=6, oversample=2, policy="all",
+                          clip=clip, clip_mode=clip_mode, weight_decay=1e-2, momentum=0.5, linear_time=linear_time)
+        for k in range(5):
+            g = torch.Generator().manual_seed(k)
+            x, y = torch.randn(8, 3, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 4, (8,), generator=g)
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+        assert opt.layers[0].linear_time == linear_time
+        assert (opt.layers[0].step_buffer is not None) == linear_time
+        moved.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*moved):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_batch_check_probe_overflow_is_not_an_error():
+    """The finiteness probe of a batch matrix is its sum: finite entries whose sum overflows
+    (float32) are told apart from a NaN/inf by the entry-wise check, so nothing is raised."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 10), nn.ReLU(), nn.Linear(10, 4))
+    opt = bkfac.BKFAC(model, lr=0.0, t_updt=4, t_inv=8, t_brand=4, rank=6, oversample=2, policy="all")
+    lc = opt.layers[0].capture
+    big = torch.full((49, 8), 3e37)
+    pending = []
+    opt._checked(big, lc, "input activations", 0, pending=pending)
+    assert not bool(pending[0][0])  # the probe overflowed
+    opt._flush(pending)  # and the entry-wise check clears it
+    bad = big.clone()
+    bad[3, 2] = float("nan")
+    pending = []
+    opt._checked(bad, lc, "input activations", 0, pending=pending)
+    with pytest.raises(FloatingPointError, match="non-finite input activations in layer '1'"):
+        opt._flush(pending)

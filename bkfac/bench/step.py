@@ -41,7 +41,9 @@ of them alike.
 Targets (DESIGN, as ratios measured side by side in one run): b-kfac's t_epoch at most
 1.3x SGD's and at most 0.5x k-fac's; printed PASS/FAIL, on the measured ratio and again with
 every optimizer charged SGD's data + forward/backward time ("common forward/backward": the
-phase all share is the noisiest on a loaded machine). Writes ``step.csv`` (one row per
+phase all share is the noisiest on a loaded machine). Every ratio comes with its spread over
+the rounds (round ``i`` amortises the ``i``-th run of each kind of step; the ratio of round
+``i`` compares two optimizers' round ``i``, which ran beside each other). Writes ``step.csv`` (one row per
 optimizer, amortised per-step phases, t_epoch, ratios), ``step_kinds.csv`` (one row per
 optimizer and kind of step), ``step_targets.csv`` and ``step.png`` (stacked bars of the
 per-epoch time by phase) under ``--out``.
@@ -67,6 +69,7 @@ from ..book import display_path
 from .common import (
     format_table,
     load_average,
+    round_ratios,
     load_bench_profile,
     machine_info,
     resolve_device,
@@ -94,10 +97,11 @@ SLOW_S = 2.0  # a first run slower than this is kept as a sample (warm-up effect
 SUMMARY_COLUMNS = (["optimizer", "label", "profile", "steps_per_epoch", "cycle", "kinds"]
                    + [f"{p}_s" for p in PHASES]
                    + ["step_s", "epoch_s", "ratio_to_sgd", "ratio_to_kfac", "optimizer_s", "ratio_to_sgd_common_fb",
+                      "ratio_to_sgd_min", "ratio_to_sgd_max", "ratio_to_kfac_min", "ratio_to_kfac_max",
                       "first_step_s", "runs", "device", "dtype"])
 KIND_COLUMNS = (["optimizer", "kind", "count", "cycle", "frequency", "rep_step", "runs"]
                 + [f"{p}_s" for p in PHASES] + ["step_s"])
-TARGET_COLUMNS = ["target", "value", "threshold", "verdict"]
+TARGET_COLUMNS = ["target", "value", "spread_min", "spread_max", "threshold", "verdict"]
 
 
 # -- the step kinds -------------------------------------------------------------------------------
@@ -275,8 +279,12 @@ def bench_step(profile, optimizers=OPTIMIZERS, *, device="cpu", dtype=torch.floa
     first, no discarded first run per kind.
 
     Returns ``(summary_rows, kind_rows)``: per optimizer the amortised per-step phases,
-    ``step_s``, ``epoch_s`` and ratios to SGD and k-fac (``nan`` when not measured); per
-    optimizer and kind the median phases, its count in the cycle and the number of runs.
+    ``step_s``, ``epoch_s`` and ratios to SGD and k-fac (``nan`` when not measured) with
+    their spread over the rounds (``ratio_to_*_min`` / ``_max``: round ``i`` amortises the
+    ``i``-th run of every kind of step, and the ratio compares it with the reference's round
+    ``i``, which ran beside it); per optimizer and kind the median phases, its count in the
+    cycle and the number of runs. The per-round amortised phases are kept in
+    ``summary_row["rounds"]`` (not written to the CSV).
     """
     from ..experiments.models import build_model
 
@@ -335,6 +343,7 @@ def bench_step(profile, optimizers=OPTIMIZERS, *, device="cpu", dtype=torch.floa
                         **{f"{p}_s": amortised[p] for p in PHASES}, "step_s": step_s, "epoch_s": spe * step_s,
                         "first_step_s": sum(b.first.values()), "runs": runs, "device": str(device),
                         "dtype": str(dtype).replace("torch.", "")})
+        summary[-1]["rounds"] = _round_phases(b)
         if hasattr(b.opt, "remove_hooks"):
             b.opt.remove_hooks()
     ref = {r["optimizer"]: r for r in summary}
@@ -342,12 +351,39 @@ def bench_step(profile, optimizers=OPTIMIZERS, *, device="cpu", dtype=torch.floa
     for r in summary:
         r["ratio_to_sgd"] = r["epoch_s"] / sgd["epoch_s"] if sgd else float("nan")
         r["ratio_to_kfac"] = r["epoch_s"] / ref["k-fac"]["epoch_s"] if "k-fac" in ref else float("nan")
+        for key, other in (("sgd", sgd), ("kfac", ref.get("k-fac"))):
+            spread = round_ratios([sum(x.values()) for x in r["rounds"]],
+                                  [sum(x.values()) for x in other["rounds"]]) if other else [float("nan")]
+            r[f"ratio_to_{key}_min"], r[f"ratio_to_{key}_max"] = min(spread), max(spread)
         r["optimizer_s"] = sum(r[f"{p}_s"] for p in ("statistics", "inverse", "precondition", "rest"))
         # the same data + forward/backward as SGD's for everyone: removes the noise of the largest,
         # identical phase (a shared machine's load moves it by 10-20 % between optimizers)
         r["ratio_to_sgd_common_fb"] = ((sgd["data_s"] + sgd["forward_backward_s"] + r["optimizer_s"]) / sgd["step_s"]
                                        if sgd else float("nan"))
     return summary, kind_rows
+
+
+def _round_phases(b: _Bench) -> list[dict]:
+    """Amortised phases of each round ``i``: the ``i``-th run of every kind of step (a kind
+    with fewer runs, stopped by the time budget, contributes its last), weighted by the kind's
+    frequency."""
+    rounds = max(len(b.samples[s.name]) for s in b.kinds)
+    out = []
+    for i in range(rounds):
+        ph = dict.fromkeys(PHASES, 0.0)
+        for s in b.kinds:
+            runs = b.samples[s.name]
+            for p in PHASES:
+                ph[p] += s.frequency * runs[min(i, len(runs) - 1)][p]
+        out.append(ph)
+    return out
+
+
+def _common_fb(rounds: list[dict], sgd_rounds: list[dict]) -> list[float]:
+    """Per round: SGD's data + forward/backward plus the optimizer's own phases."""
+    own = ("statistics", "inverse", "precondition", "rest")
+    return [sgd_rounds[min(i, len(sgd_rounds) - 1)]["data"] + sgd_rounds[min(i, len(sgd_rounds) - 1)]
+            ["forward_backward"] + sum(r[p] for p in own) for i, r in enumerate(rounds)]
 
 
 def check_targets(summary: list[dict]) -> list[dict]:
@@ -361,17 +397,25 @@ def check_targets(summary: list[dict]) -> list[dict]:
     rows = []
     for opt, ref, limit in TARGETS:
         for common in (False, True):
+            spread = [float("nan")]
             if opt in by and ref in by and (not common or "sgd" in by):
                 if common:
                     base = by["sgd"]["data_s"] + by["sgd"]["forward_backward_s"]
                     value = (base + by[opt]["optimizer_s"]) / (base + by[ref]["optimizer_s"])
+                    if all("rounds" in by[k] for k in (opt, ref, "sgd")):
+                        spread = round_ratios(_common_fb(by[opt]["rounds"], by["sgd"]["rounds"]),
+                                              _common_fb(by[ref]["rounds"], by["sgd"]["rounds"]))
                 else:
                     value = by[opt]["epoch_s"] / by[ref]["epoch_s"]
+                    if all("rounds" in by[k] for k in (opt, ref)):
+                        spread = round_ratios([sum(x.values()) for x in by[opt]["rounds"]],
+                                              [sum(x.values()) for x in by[ref]["rounds"]])
             else:
                 value = float("nan")
             ok = None if math.isnan(value) else value <= limit
             name = f"{opt} t_epoch / {ref} t_epoch" + (" (common forward/backward)" if common else "")
-            rows.append({"target": name, "value": value, "threshold": f"<= {limit}", "verdict": verdict(ok)})
+            rows.append({"target": name, "value": value, "spread_min": min(spread), "spread_max": max(spread),
+                         "threshold": f"<= {limit}", "verdict": verdict(ok)})
     return rows
 
 
@@ -425,16 +469,20 @@ def main(args: argparse.Namespace) -> int:
                        ["optimizer", "kind", "count", "cycle", "runs", "data", "fwd/bwd", "stats", "inverse",
                         "precond", "rest", "step s"]))
     print()
+    for r in summary:
+        r["sgd_range"] = f"{r['ratio_to_sgd_min']:.3g}-{r['ratio_to_sgd_max']:.3g}"
+        r["kfac_range"] = f"{r['ratio_to_kfac_min']:.3g}-{r['ratio_to_kfac_max']:.3g}"
     print(format_table(summary, ["optimizer"] + [f"{p}_s" for p in PHASES] + ["step_s", "epoch_s", "ratio_to_sgd",
-                                                                             "ratio_to_kfac", "ratio_to_sgd_common_fb",
-                                                                             "first_step_s"],
+                                                                             "sgd_range", "ratio_to_kfac", "kfac_range",
+                                                                             "ratio_to_sgd_common_fb", "first_step_s"],
                        ["optimizer", "data", "fwd/bwd", "stats", "inverse", "precond", "rest", "step s", "epoch s",
-                        "/ SGD", "/ k-fac", "/ SGD (common f/b)", "first step s"]))
+                        "/ SGD", "rounds", "/ k-fac", "rounds", "/ SGD (common f/b)", "first step s"]))
     print("(per-step columns are amortised means; epoch s = steps per epoch x step s; 'common f/b': every "
           "optimizer charged SGD's data + forward/backward time)")
     print()
     for t in targets:
-        print(f"target {t['verdict']:4s}  {t['target']}: {t['value']:.3g} (want {t['threshold']})")
+        print(f"target {t['verdict']:4s}  {t['target']}: {t['value']:.3g} (rounds {t['spread_min']:.3g}-"
+              f"{t['spread_max']:.3g}; want {t['threshold']})")
     print(f"load average after the run: {load_average()}")
     written = [write_csv_atomic(out / "step.csv", summary, SUMMARY_COLUMNS),
                write_csv_atomic(out / "step_kinds.csv", kinds, KIND_COLUMNS),

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .._checks import check_matrix, check_vector, clamp_rounding_negatives
 
-__all__ = ["brand_update", "brand_update_general", "orthonormal_extension"]
+__all__ = ["aligned_width", "brand_update", "brand_update_general", "orthonormal_extension"]
 
 
 def _complete_basis(B: Tensor, k: int) -> Tensor:
@@ -81,21 +81,29 @@ def _fast_path_limits(dtype: torch.dtype) -> tuple[float, float]:
     return 4.0 * eps**0.5, eps**0.25
 
 
-def _aligned_product(*pairs: tuple[Tensor, Tensor]) -> Tensor:
-    """``sum_i X_i @ Y_i`` as a new contiguous matrix, computed into a buffer whose rows start
-    on 64-byte boundaries on the CPU.
+def aligned_width(cols: int, like: Tensor) -> int:
+    """Row length (elements) of a GEMM output buffer for ``cols`` columns of ``like``'s dtype
+    and device: ``cols`` rounded up to a multiple of 64 bytes on the CPU, ``cols`` elsewhere.
 
-    MKL's GEMM writes a tall output whose row length is not a multiple of 64 bytes (e.g. the
-    ``r + n = 476`` columns of a B-update in float32) at about 60 % of its rate on aligned
-    rows (measured on the 2-core AMD EPYC build machine, one thread: the ``d x 476`` product of
-    Alg. 3 line 9 at d = 16385 in 0.21-0.26 s, into a 480-wide buffer in 0.08-0.14 s); the
-    one copy back to a contiguous ``d x 476`` costs about a tenth of the saving.
-    """
+    MKL's GEMM writes a tall output whose rows are not a multiple of 64 bytes long (the
+    ``r + n = 476`` columns of a B-update, the ``d_A = 4097`` of FC0's step, in float32) at
+    about 60 % of its rate on aligned rows (measured on the 2-core AMD EPYC build machine, one
+    thread: the ``16385 x 476`` product of Alg. 3 line 9 in 0.21-0.26 s, into a 480-wide
+    buffer in 0.08-0.14 s)."""
+    if like.device.type != "cpu":
+        return cols
+    per_line = max(64 // like.element_size(), 1)
+    return -(-cols // per_line) * per_line
+
+
+def _aligned_product(*pairs: tuple[Tensor, Tensor]) -> Tensor:
+    """``sum_i X_i @ Y_i`` as a new contiguous matrix, computed into a buffer of
+    :func:`aligned_width` (the one copy back to contiguous rows costs about a tenth of what
+    the alignment saves on a tall output)."""
     X0, Y0 = pairs[0]
     rows, cols = X0.shape[0], Y0.shape[1]
-    per_line = max(64 // X0.element_size(), 1)
-    ld = -(-cols // per_line) * per_line
-    if X0.device.type != "cpu" or ld == cols or rows < 4 * cols:
+    ld = aligned_width(cols, X0)
+    if ld == cols or rows < 4 * cols:
         out = X0 @ Y0
         for X, Y in pairs[1:]:
             out = torch.addmm(out, X, Y)
