@@ -272,3 +272,44 @@ def test_batch_check_probe_overflow_is_not_an_error():
     opt._checked(bad, lc, "input activations", 0, pending=pending)
     with pytest.raises(FloatingPointError, match="non-finite input activations in layer '1'"):
         opt._flush(pending)
+
+
+# ------------------------------------------------------------------ channels_last statistics
+
+
+@pytest.mark.parametrize("stride,padding,bias", [(1, 1, True), (2, 0, False), (1, "same", True)])
+def test_channels_last_statistics_equal_the_unfold_reference(stride, padding, bias):
+    """A conv layer whose input and output gradient are stored channels_last builds ``A_k A_k^T``
+    from patch rows ``(kh, kw, C_in)`` reordered afterwards, and ``G_k G_k^T`` from the gradient
+    as rows; both equal the brute-force reference from ``F.unfold`` (float64) and the NCHW path."""
+    from bkfac.curvature import KFactorCapture
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 7, 3, stride=stride, padding=padding, bias=bias).double()
+    x = torch.randn(4, 5, 9, 9, dtype=torch.float64)
+    outs = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        model = nn.Sequential(conv).to(memory_format=fmt)
+        cap = KFactorCapture(model)
+        model.zero_grad()
+        y = model(x.to(memory_format=fmt))
+        w = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y).contiguous(memory_format=fmt)
+        (y * w).sum().backward()
+        lc = cap.layers[0]
+        assert (lc.inputs.stride(1) == 1) == (fmt is torch.channels_last)
+        assert (lc.grad_outputs.stride(1) == 1) == (fmt is torch.channels_last)
+        assert (lc._patch_rows_nhwc(lc.inputs) is not None) == (fmt is torch.channels_last)
+        outs.append((lc.batch_outer_A(), lc.batch_outer_G("mean")))
+        A, G, _ = lc.batch_matrices("mean")
+        cap.remove()
+    pad = conv._reversed_padding_repeated_twice if padding == "same" else None
+    xp = F.pad(x, pad) if pad is not None else x
+    cols = F.unfold(xp, 3, padding=0 if pad is not None else padding, stride=stride)  # n, C*9, T
+    a = cols.transpose(0, 1).reshape(cols.shape[1], -1)
+    if bias:
+        a = torch.cat([a, torch.ones(1, a.shape[1], dtype=a.dtype)])
+    ref_A = a @ a.T / a.shape[1]
+    assert torch.allclose(A @ A.T, ref_A, rtol=1e-12, atol=1e-12)
+    for outer_A, outer_G in outs:
+        assert torch.allclose(outer_A, ref_A, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(outer_G, G @ G.T, rtol=1e-12, atol=1e-12)

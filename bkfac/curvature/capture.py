@@ -147,6 +147,30 @@ class LayerCapture:
         v = x.unfold(2, kh, sh).unfold(3, kw, sw)  # n, C, H_out, W_out, kh, kw
         return v.permute(1, 4, 5, 0, 2, 3)
 
+    def _patch_rows_nhwc(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Conv patches of a channels_last input as rows: ``(X, perm)`` with ``X`` of shape
+        ``(N, kh * kw * C_in)``, columns ordered ``(kh, kw, C_in)``, made with one copy that
+        moves runs of ``C_in`` contiguous values (the ``(C_in, kh, kw) x N`` layout of
+        :meth:`_input_cols` gathers them one by one); ``perm`` reorders an index of that
+        ordering into ``weight.view(C_out, -1)``'s ``(C_in, kh, kw)``. ``None`` where this does
+        not apply (not a conv, dilation, or the input not stored channels_last)."""
+        m = self.module
+        if self.kind != "conv2d" or tuple(m.dilation) != (1, 1) or x.dim() != 4 or x.shape[1] < 2:
+            return None
+        if x.stride(1) != 1:  # channels not innermost: NCHW storage
+            return None
+        (ph, pw), (kh, kw), (sh, sw) = _conv_padding(m), m.kernel_size, m.stride
+        if ph or pw:
+            x = F.pad(x, (pw, pw, ph, ph))
+            if x.stride(1) != 1:
+                return None
+        v = x.unfold(2, kh, sh).unfold(3, kw, sw).permute(0, 2, 3, 4, 5, 1)  # n, H_out, W_out, kh, kw, C
+        C = x.shape[1]
+        out = x.new_empty(v.shape[0] * v.shape[1] * v.shape[2], kh * kw * C)
+        out.view(v.shape).copy_(v)
+        perm = torch.arange(kh * kw * C, device=x.device).view(kh, kw, C).permute(2, 0, 1).reshape(-1)
+        return out, perm
+
     def _input_cols(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         """Columns ``a_{i,t}`` without the bias entry, ``(d_A - bias) x N``, ordered like
         ``weight.view(C_out, -1)`` and, over ``N``, like the output-gradient rows (sample,
@@ -238,22 +262,38 @@ class LayerCapture:
 
     def batch_outer_A(self, dtype=None) -> Tensor:
         """``A_k A_k^T`` (d_A x d_A) without forming ``A_k``: one copy of the patches, one GEMM,
-        the bias row and column from the column sums (the one-copy statistics of commit 4d7939d)."""
+        the bias row and column from the column sums (the one-copy statistics of commit 4d7939d).
+        A conv input stored channels_last is copied as rows of ``(kh, kw, C_in)`` patches
+        (:meth:`_patch_rows_nhwc`) and the small result reordered."""
         x = self._inputs(dtype)
-        X = self._input_cols(x)
-        D, N = X.shape
+        rows = self._patch_rows_nhwc(x)
+        if rows is not None:  # channels_last: patches as rows, then the (C_in, kh, kw) order
+            Xr, perm = rows
+            N, D = Xr.shape
+            XXt = gram(Xr.mT)[perm][:, perm]
+            s = Xr.sum(0)[perm]
+        else:
+            X = self._input_cols(x)
+            D, N = X.shape
+            XXt = gram(X)
+            s = X.sum(1)
         if not self.has_bias:
-            return gram(X).mul_(1.0 / N)
-        out = X.new_empty(self.d_A, self.d_A)
-        out[:D, :D] = gram(X)
-        s = X.sum(1)
+            return XXt.mul_(1.0 / N)
+        out = XXt.new_empty(self.d_A, self.d_A)
+        out[:D, :D] = XXt
         out[:D, D] = s
         out[D, :D] = s
         out[D, D] = N
         return out.mul_(1.0 / N)
 
     def batch_outer_G(self, reduction: str = "mean", dtype=None) -> Tensor:
-        """``G_k G_k^T`` (d_G x d_G) without forming ``G_k``."""
+        """``G_k G_k^T`` (d_G x d_G) without forming ``G_k`` (a conv's output gradient stored
+        channels_last is already ``N x C_out`` rows: no copy at all)."""
+        g = self.grad_outputs
+        if self.kind == "conv2d" and g is not None and g.dim() == 4 and g.shape[1] > 1 and g.stride(1) == 1:
+            g = g if dtype is None else g.to(dtype)
+            rows = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
+            return gram(rows.mT).mul_(self._g_scale(reduction, g.shape[0]) ** 2)
         cols, n = self._grad_cols(reduction, dtype)
         return gram(cols).mul_(self._g_scale(reduction, n) ** 2)
 
