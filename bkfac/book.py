@@ -512,12 +512,20 @@ def stamp_figure(fig, profile: str, device: str = "cpu", *, made: Sequence[dict]
     red, :func:`stale_note` when the figure is drawn from stored results of another
     configuration.
 
-    Lays the figure out with ``tight_layout`` leaving a strip at the bottom for the stamp, so
-    call it after the axes are complete. A figure-level legend (``fig.legend``, placed below the
+    Lays the figure out with ``tight_layout`` leaving a strip at the bottom for the stamp
+    (wrapped to the figure's width, so the stamp never widens the saved figure), so call it
+    after the axes are complete. A figure-level legend (``fig.legend``, placed below the
     panels) is moved up onto that strip, and the panels above it, so the stamp never covers it.
     """
+    import textwrap
+
     note = stale_note(profile)
-    strip = 0.085 if note else 0.045
+    size = 6.5  # points; a character is about 0.55 of that wide
+    chars = max(40, int(fig.get_figwidth() * 72 / (0.55 * size)) - 4)
+    stamp = textwrap.fill(_hardware_stamp(profile, device, made), chars, subsequent_indent="  ")
+    line = 1.25 * size / 72 / fig.get_figheight()  # one line of the stamp, as a fraction of the height
+    base = (stamp.count("\n") + 1) * line + 0.012
+    strip = base + (0.04 if note else 0.0)
     legend_h = 0.0
     if fig.legends:
         renderer = fig.canvas.get_renderer()
@@ -527,10 +535,9 @@ def stamp_figure(fig, profile: str, device: str = "cpu", *, made: Sequence[dict]
             leg.set_bbox_to_anchor((0.5, strip), transform=fig.transFigure)
             legend_h = max(legend_h, leg.get_window_extent(renderer).height / height)
     fig.tight_layout(rect=(0, strip + legend_h + (0.01 if legend_h else 0.0), 1, 1))
-    fig.text(0.01, 0.004, _hardware_stamp(profile, device, made), fontsize=6.5, color="0.35", ha="left",
-             va="bottom")
+    fig.text(0.01, 0.004, stamp, fontsize=size, color="0.35", ha="left", va="bottom")
     if note:
-        fig.text(0.01, 0.04, note, fontsize=6.5, color="#b00000", ha="left", va="bottom", wrap=True)
+        fig.text(0.01, base, note, fontsize=size, color="#b00000", ha="left", va="bottom", wrap=True)
 
 
 # --------------------------------------------------------------------------------------------

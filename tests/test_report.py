@@ -349,3 +349,20 @@ def test_a_run_being_trained_now_is_left_alone_before_its_first_epoch(smoke_root
         os.close(fd)
     with pytest.raises(AssertionError, match="trained a run"):  # unlocked and empty: it is trained
         report.ensure_runs(cpu, ["seng"], train_missing=True)
+
+
+def test_a_long_stamp_is_wrapped_to_the_figure_width(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    made = [dict(device="cpu", threads=None if i % 2 else 1, torch="2.14.1+cu130", commit=f"{i:07x}abc") for i in range(12)]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot([0, 1], [0, 1])
+    book.stamp_figure(fig, "smoke", "cpu", made=made)
+    stamp = [t for t in fig.texts if "results made on" in t.get_text()][0]
+    assert "\n" in stamp.get_text() and "code 0000000" in stamp.get_text().replace("\n  ", " ")
+    fig.savefig(tmp_path / "f.png", dpi=100, bbox_inches="tight")
+    assert Image.open(tmp_path / "f.png").size[0] <= 5 * 100 + 10  # the stamp does not widen the figure

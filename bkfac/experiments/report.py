@@ -793,7 +793,7 @@ def _changes(schedule) -> list[tuple[int, object, object]]:
     return [(e, items[i - 1][1], v) for i, (e, v) in enumerate(items) if i and v != items[i - 1][1]]
 
 
-def plot_accuracy_curves(profile, results: dict[str, list[dict]], *, width: float = 8.0, floor: float | None = None):
+def plot_accuracy_curves(profile, results: dict[str, list[dict]], *, width: float = 7.8, floor: float | None = None):
     """Chapter 6's accuracy curves: test accuracy (%) against cumulative training time (s, left)
     and against the epoch (right), one faint line per seed and the mean over the seeds (at each
     epoch all of them reached) as a bold line with its run's own style and marker; the profile's
@@ -833,8 +833,9 @@ def plot_accuracy_curves(profile, results: dict[str, list[dict]], *, width: floa
             ax.axhline(t, color="0.5", ls=":", lw=0.8)
         ax.grid(True, alpha=0.3)
         ax.set_ylim(lo, top + 1.0)
-    for t in targets:
-        a2.text(a2.get_xlim()[1], t, f" {t:g}%", fontsize=7, va="center", ha="left", color="0.4")
+    for t in targets:  # inside the panel: the figure keeps its width (the book's column)
+        a2.text(0.99, t, f"target {t:g} %", transform=a2.get_yaxis_transform(), fontsize=7, va="bottom", ha="right",
+                color="0.4")
     for e, before, after in _changes(profile.raw.get("kfac", {}).get("damping_phi")):
         a2.axvline(e - 0.5, color="0.3", ls="--", lw=0.8)
         a2.text(e - 0.5, lo + 0.5, f" K-FAC damping {before} -> {after}", fontsize=7, rotation=90, va="bottom",
