@@ -705,13 +705,14 @@ def add_reproduce_args(parser: argparse.ArgumentParser) -> None:
 
 def _results_needed(selected: Sequence[Path], profile: str, root: Path) -> dict:
     """The stored results the ``selected`` chapters read, from their code and parameters: the
-    training runs of a chapter that calls ``ensure_runs`` (its ``runs`` parameter, empty: all
-    of the profile), the error study of one that calls ``load_error_study``; with the seed,
-    device and threads those chapters use."""
+    training runs of a chapter that calls ``ensure_runs`` or ``ensure_seed_runs`` (its ``runs``
+    parameter, empty: all of the profile; every seed of the profile), the error study of one that
+    calls ``load_error_study``; with the seed, device and threads those chapters use."""
     need = dict(runs=[], error_study=False, seed=None, device=None, threads=None)
     for path in selected:
         code = "\n".join(_source(c) for c in _read_nb(path).get("cells", []) if c.get("cell_type") == "code")
-        reads_runs, reads_es = "ensure_runs(" in code, "load_error_study(" in code
+        reads_runs = "ensure_runs(" in code or "ensure_seed_runs(" in code
+        reads_es = "load_error_study(" in code
         if not (reads_runs or reads_es):
             continue
         params = {**parameters_cell(path), **load_params(profile, path, root)}
@@ -739,9 +740,12 @@ def _prepare_results(args: argparse.Namespace, selected: Sequence[Path], root: P
 
     prof = load_profile(args.profile)
     runs = prof.run_names() if None in need["runs"] else need["runs"]
-    seed = need["seed"] if need["seed"] is not None else prof.train["seeds"][0]
-    items = report.plan_results(prof, runs=runs, seed=seed, error_study=need["error_study"],
-                                reuse_stale=reuse_stale, from_scratch=from_scratch)
+    # the chapters read every seed of the profile (Table 2 over seeds), the chapter's own first
+    seeds = list(dict.fromkeys(([need["seed"]] if need["seed"] is not None else []) + list(prof.train["seeds"])))
+    items = []
+    for i, seed in enumerate(seeds):
+        items += report.plan_results(prof, runs=runs, seed=seed, error_study=need["error_study"] and i == 0,
+                                     reuse_stale=reuse_stale, from_scratch=from_scratch)
     where = report.results_root(args.profile) / args.profile
     print(f"bkfac reproduce: the stored results the chapters read ({_shown(where, root)}):", flush=True)
     print(report.format_plan(prof, items), flush=True)

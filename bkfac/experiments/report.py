@@ -187,8 +187,8 @@ def top_r_energy(eigs: torch.Tensor, r: int) -> float:
 #: user decides to run it (``bkfac reproduce``, README).
 FROM_SCRATCH_COST = {
     "smoke": "a few minutes",
-    "cpu": "about 5-6 hours on 2 CPU cores (8 trainings of 7 epochs, about 3 hours on both cores, then the "
-           "error study, about 2 hours)",
+    "cpu": "about 12-14 hours on 2 CPU cores (3 seeds of 8 trainings of 7 epochs, about 5.3 single-thread "
+           "hours per seed, and 3 error-study trajectories of about 2.3 hours each)",
     "paper": "about 6 GPU-hours on one H200 (8 trainings of 50 epochs at 5-15 s an epoch, and the error study)",
 }
 
