@@ -366,3 +366,19 @@ def test_a_long_stamp_is_wrapped_to_the_figure_width(tmp_path):
     assert "\n" in stamp.get_text() and "code 0000000" in stamp.get_text().replace("\n  ", " ")
     fig.savefig(tmp_path / "f.png", dpi=100, bbox_inches="tight")
     assert Image.open(tmp_path / "f.png").size[0] <= 5 * 100 + 10  # the stamp does not widen the figure
+
+
+def test_factor_start_and_first_lr_read_the_profile(tmp_path):
+    import yaml
+
+    from bkfac.experiments.profiles import PROFILE_DIR
+
+    raw = yaml.safe_load((PROFILE_DIR / "cpu.yaml").read_text())
+    assert report.factor_start(load_profile("cpu")).startswith("from the first batch")
+    assert report.first_lr(load_profile("cpu")) == raw["kfac"]["lr_schedule"][1]
+    raw["kfac"]["factor_init"] = "identity"
+    raw["kfac"]["lr_schedule"] = {1: 0.3, 3: 0.1}
+    (tmp_path / "cpu.yaml").write_text(yaml.safe_dump(raw))
+    changed = load_profile(str(tmp_path / "cpu.yaml"))
+    assert report.factor_start(changed).startswith("from the identity")
+    assert report.first_lr(changed) == 0.3

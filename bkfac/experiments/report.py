@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "factor_start",
+    "first_lr",
     "results_root",
     "use_repo_cache",
     "first_batch",
@@ -862,3 +864,28 @@ def fc0_shape(profile) -> tuple[int, int]:
     if fc is None:
         raise ValueError(f"profile {profile.name!r}'s model has no fully-connected layer")
     return fc.in_features, fc.out_features
+
+
+def _kfac_hyper(profile, run: str = "b-kfac") -> dict:
+    from .manifest import _resolved_hyper
+
+    opt, hyper, _ = profile.resolve_run(run)
+    return _resolved_hyper(opt, hyper)
+
+
+def factor_start(profile, run: str = "b-kfac") -> str:
+    """Where run ``run`` of ``profile`` starts its K-factors' exponential average, in words."""
+    init = _kfac_hyper(profile, run).get("factor_init", "batch")
+    return {"batch": "from the first batch (eq. 5)", "identity": "from the identity (the author's code)"}[init]
+
+
+def first_lr(profile, run: str = "b-kfac") -> float:
+    """The learning rate run ``run`` of ``profile`` trains with in epoch 1."""
+    from ..optim.schedules import as_schedule
+
+    hyper = _kfac_hyper(profile, run)
+    sched = hyper.get("lr_schedule")
+    if sched is None:
+        return float(hyper["lr"])
+    sched = as_schedule(sched)
+    return float(sched(1) if callable(sched) else sched)
