@@ -22,8 +22,12 @@ __all__ = [
 
 
 def check_finite(name: str, x: Tensor) -> None:
-    """Raise ``ValueError`` naming ``name`` when ``x`` holds a NaN or an infinity."""
-    if x.numel() and not bool(torch.isfinite(x).all()):
+    """Raise ``ValueError`` naming ``name`` when ``x`` holds a NaN or an infinity.
+
+    A finite sum implies finite entries (a NaN or an infinity makes the sum NaN or infinite), so
+    one reduction decides the common case; only a non-finite sum -- which finite entries can also
+    give, by overflow -- is checked entry by entry."""
+    if x.numel() and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")
 
 

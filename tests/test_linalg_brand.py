@@ -455,3 +455,22 @@ def test_repeated_updates_inside_the_span_stay_orthonormal():
         U, s = brand_update(U[:, :8], 0.9 * s[:8], 0.1**0.5 * Z)
         assert float((U.T @ U - torch.eye(U.shape[1], dtype=U.dtype)).abs().max()) < 1e-10
         assert float(torch.linalg.matrix_norm((U * s) @ U.T - M) / torch.linalg.matrix_norm(M)) < 1e-10
+
+
+def test_check_finite_by_its_sum_and_entries():
+    """A finite sum passes at once; NaN, +-inf and +inf/-inf pairs (sum NaN) are caught; finite
+    entries whose sum overflows are not mistaken for non-finite ones."""
+    from bkfac._checks import check_finite
+
+    big = torch.full((4,), torch.finfo(torch.float32).max)
+    check_finite("x", big)  # the sum overflows to inf, the entries are finite
+    check_finite("x", torch.zeros(0))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.ones(5, 3)
+        x[2, 1] = bad
+        with pytest.raises(ValueError, match="x contains non-finite"):
+            check_finite("x", x)
+    x = torch.ones(6)
+    x[0], x[1] = float("inf"), -float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        check_finite("x", x)
