@@ -866,15 +866,10 @@ def fc0_shape(profile) -> tuple[int, int]:
     return fc.in_features, fc.out_features
 
 
-def _kfac_hyper(profile, run: str = "b-kfac") -> dict:
-    from .manifest import _resolved_hyper
-
-    opt, hyper, _ = profile.resolve_run(run)
-    return _resolved_hyper(opt, hyper)
-
-
 def factor_start(profile, run: str = "b-kfac") -> str:
     """Where run ``run`` of ``profile`` starts its K-factors' exponential average, in words."""
+    from .error_study import _kfac_hyper
+
     init = _kfac_hyper(profile, run).get("factor_init", "batch")
     return {"batch": "from the first batch (eq. 5)", "identity": "from the identity (the author's code)"}[init]
 
@@ -882,6 +877,7 @@ def factor_start(profile, run: str = "b-kfac") -> str:
 def first_lr(profile, run: str = "b-kfac") -> float:
     """The learning rate run ``run`` of ``profile`` trains with in epoch 1."""
     from ..optim.schedules import as_schedule
+    from .error_study import _kfac_hyper
 
     hyper = _kfac_hyper(profile, run)
     sched = hyper.get("lr_schedule")
