@@ -14,7 +14,9 @@ def _by_aspect(rows):
 def test_paper_profile_departs_only_where_it_must(tmp_path):
     rows = _by_aspect(deviations(load_profile("paper")))
     assert set(rows) == set(PAPER_SETUP)
-    assert {a for a, r in rows.items() if r["differs"]} == {"Fisher"}  # empirical Fisher by default
+    # empirical Fisher by default; the EA from the identity, as the author's code (eq. (5) as printed: the first batch)
+    assert {a for a, r in rows.items() if r["differs"]} == {"Fisher", "K-factor start"}
+    assert "author's code" in rows["K-factor start"]["ours"]
     cpu = _by_aspect(deviations(load_profile("cpu")))
     assert cpu["epochs"]["differs"] and cpu["model"]["differs"] and cpu["hardware"]["differs"]
     assert cpu["model"]["ours"].endswith("FC0 4096 -> 2048")

@@ -516,6 +516,32 @@ def test_interrupted_trajectory_resumes_to_the_same_rows(tmp_path, monkeypatch, 
         assert a == b
 
 
+def test_identity_started_driver_feeds_the_study_eq5_factors(monkeypatch, one_thread):
+    """A driver whose K-factors start from the identity (the `paper` profile) trains the trajectory;
+    the study still compares the algorithms on eq. (5)'s factor. Its window-start check sees the
+    driver's data part differ from eq. (5)'s by exactly ``rho^u M_0 M_0^T``, even in the first
+    epoch where ``rho^u`` is large (a check that ignored the gap would raise)."""
+    import copy
+
+    from bkfac.experiments.profiles import Profile, load_profile
+
+    data = _synthetic_cifar()
+    monkeypatch.setattr(es, "load_cifar10", lambda data_dir=None, **kw: data)
+    smoke = load_profile("smoke")
+    raw = copy.deepcopy(smoke.raw)
+    raw["kfac"] = {**raw.get("kfac", {}), "factor_init": "identity"}
+    prof = Profile("smoke-identity", raw)
+    kw = dict(dev=torch.device("cpu"), data_dir=None, drive="reference", t=2, window=6, window_epochs=[1, 2],
+              layer="fc0", progress=False, algorithms=PAPER_ALGORITHMS, inputs_key="x")
+    rows, diag = es._trajectory(prof, 0, **kw)
+    assert rows and all(math.isfinite(float(r["metric1"])) for r in rows)
+    assert set(diag["ea_check"]) == {"0", "10"} and all(v > 0 for v in diag["first_outer_max"].values())
+    assert all(d <= 1e-6 for step in diag["ea_check"].values() for d in step.values())
+    # the gap is there: the same driver from the first batch gives other trajectories' rows
+    base, _ = es._trajectory(smoke, 0, **kw)
+    assert [r["metric1"] for r in base] != [r["metric1"] for r in rows]
+
+
 def test_plot_spectrum_decay_and_its_rows():
     import matplotlib
 

@@ -64,7 +64,7 @@ def deviations(profile: Profile) -> list[dict]:
     fisher = {"empirical": "empirical Fisher, true labels", "mc": "true Fisher, labels sampled from the model, eq. (2)"}[b["fisher"]]
     policy = {"first-fc": "first FC layer only, r-kfac for every other layer",
               "mixed": "every factor with d > n_M + r", "all": "every factor with d > r"}[b.get("policy", "mixed")]
-    start = {"batch": "M_0 from the first batch, eq. (5)", "identity": "the EA starts from the identity"}[
+    start = {"batch": "M_0 from the first batch, eq. (5)", "identity": "the EA starts from the identity, as the author's code does"}[
         b.get("factor_init", "batch")]
     ours = {
         "Fisher": fisher,
