@@ -222,3 +222,30 @@ def test_monte_carlo_fisher_records_sampled_labels():
     p = torch.softmax(logits.detach(), -1)
     g = p - F.one_hot(ys, 4).double()  # d CE_i / d logits_i
     assert rel(G_mc @ G_mc.T, g.T @ g / 8) < TOL
+
+
+def test_patch_scratch_is_shared_and_does_not_leak_between_layers():
+    """The channels_last conv statistics copy their patches into one host block shared by the
+    layers (``Scratch``): each layer's ``A_k A_k^T`` equals the one from ``A_k`` (formed apart),
+    in either order of the calls, and the block is reused, not reallocated."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1),
+                          nn.Flatten(), nn.Linear(5 * 6 * 6, 3)).double().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64).to(memory_format=torch.channels_last)
+    cap = KFactorCapture(model)
+    F.cross_entropy(model(x), torch.randint(0, 3, (4,))).backward()
+    c0, c1 = cap.layers[0], cap.layers[1]
+    assert c0.scratch is c1.scratch is cap.scratch
+    ref = []
+    for lc in (c0, c1):
+        A = lc.batch_A()
+        ref.append(A @ A.T)
+    first = c1.batch_outer_A()
+    block = cap.scratch._buf
+    assert block is not None and block.numel() >= 4 * 36 * 4 * 9
+    for lc, R in ((c0, ref[0]), (c1, ref[1]), (c0, ref[0])):
+        assert rel(lc.batch_outer_A(), R) < 1e-13
+    assert rel(first, ref[1]) < 1e-13
+    assert cap.scratch._buf is block  # grown once to the largest layer, then reused
+    cap.remove()
+    assert cap.scratch._buf is None

@@ -182,11 +182,17 @@ def _check_rep(name_u: str, U: Tensor, name_d: str, d: Tensor) -> Tensor:
 
 
 def _apply(U: Tensor, d: Tensor, lam, X: Tensor, side: str) -> Tensor:
-    # (U diag(d) U^T + lam I)^{-1} = U diag(1/(d+lam) - 1/lam) U^T + I/lam  (no checks here)
-    coef = 1.0 / (d + lam) - 1.0 / lam
+    # (U diag(d) U^T + lam I)^{-1} = (I - U diag(d / (d + lam)) U^T) / lam  (no checks here):
+    # one GEMM that accumulates into a copy of X and one in-place division, where the sum
+    # of U diag(1/(d+lam) - 1/lam) U^T X and X / lam allocates and passes over X three times
+    w = d / (d + lam)
+    if X.dim() != 2:
+        if side == "left":
+            return (X - U @ (w[:, None] * (U.mT @ X))) / lam
+        return (X - ((X @ U) * w) @ U.mT) / lam
     if side == "left":
-        return U @ (coef[:, None] * (U.mT @ X)) + X / lam
-    return ((X @ U) * coef) @ U.mT + X / lam
+        return torch.addmm(X, U, w[:, None] * (U.mT @ X), alpha=-1).div_(lam)
+    return torch.addmm(X, (X @ U) * w, U.mT, alpha=-1).div_(lam)
 
 
 def damped_inverse_apply(U: Tensor, d: Tensor, lam, X: Tensor, side: str = "left", check: bool = True) -> Tensor:

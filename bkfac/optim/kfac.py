@@ -1100,8 +1100,7 @@ class KFACFamily(torch.optim.Optimizer):
                     S = self._apply_inverse(L.inv_G, S, "left", phi)
                 updates[id(L)] = S
         with timer.phase("rest"):
-            self._clip(updates)
-            self._apply(updates)
+            self._apply(updates, self._clip(updates))
             for L in self.layers:
                 for inv in (L.inv_A, L.inv_G):
                     if inv is not None:
@@ -1131,21 +1130,22 @@ class KFACFamily(torch.optim.Optimizer):
         S_b = torch.mv(G_hat, A_hat[D], out=buf[d_G * D:])
         return S_W, S_b
 
-    def _clip(self, updates: dict[int, Tensor | tuple[Tensor, Tensor]]) -> None:
-        """Clip each layer's step in place (``updates``: the step in matrix form ``S``, or
-        ``(S_W, S_b)`` from :meth:`_alg8_step`)."""
+    def _clip(self, updates: dict[int, Tensor | tuple[Tensor, Tensor]]) -> dict[int, Tensor]:
+        """Each layer's clip factor ``nu`` (a 0-dim tensor: no host sync), by layer key of
+        ``updates`` (the step in matrix form ``S``, or ``(S_W, S_b)`` from :meth:`_alg8_step`);
+        empty without clipping. :meth:`_apply` scales the step by it as it updates the weights,
+        so the step is not rewritten for the clip alone."""
         if self.clip_mode is None or not updates:
-            return
+            return {}
         if self.clip_mode == "rms":
             # The paper's clip parameter: per layer, scale the step so its RMS is <= clip.
+            out = {}
             for key, S in updates.items():
                 parts = S if isinstance(S, tuple) else (S,)
                 norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in parts]))
                 rms = norm / math.sqrt(sum(t.numel() for t in parts))
-                factor = torch.clamp(self.clip / torch.clamp(rms, min=1e-30), max=1.0)
-                for t in parts:
-                    t.mul_(factor)
-            return
+                out[key] = torch.clamp(self.clip / torch.clamp(rms, min=1e-30), max=1.0)
+            return out
         # KL clipping (Ba et al. 2017 style): nu = min(1, sqrt(kl / (lr^2 * sum S.g))).
         vg = 0.0
         for L in self.layers:
@@ -1162,31 +1162,46 @@ class KFACFamily(torch.optim.Optimizer):
                 vg = vg + sg * lr**2
         vg = torch.as_tensor(vg)
         nu = torch.where(vg > 0, torch.clamp(torch.sqrt(self.clip / vg.clamp(min=1e-30)), max=1.0), torch.ones_like(vg))
-        for S in updates.values():
-            for t in S if isinstance(S, tuple) else (S,):
-                t.mul_(nu)
+        return {key: nu for key in updates}
 
-    def _apply(self, updates: dict[int, Tensor]) -> None:
-        directions: dict[int, Tensor] = {}
+    def _apply(self, updates: dict[int, Tensor], clip: dict[int, Tensor]) -> None:
+        """``p <- p - lr (nu S + wd p)`` for the K-FAC layers (``nu`` from :meth:`_clip`), SGD
+        with weight decay for the other parameters; momentum on the sum. Without momentum a
+        K-FAC parameter is updated as ``p (1 - lr wd) - lr nu S``: two passes over ``p`` and one
+        over ``S``, where scaling ``S``, adding ``wd p`` and adding it to ``p`` take eight (the
+        wide FC0's step is the size of its weight)."""
+        directions: dict[int, tuple[Tensor, Tensor | None]] = {}
         for L in self.layers:
             if id(L) in updates:
                 S = updates[id(L)]
                 parts = [t.reshape(p.shape) for t, p in zip(S, L.capture.params)] if isinstance(S, tuple) \
                     else L.capture.set_update(S)
+                nu = clip.get(id(L))
                 for p, v in zip(L.capture.params, parts):
-                    directions[id(p)] = v.to(p.dtype)
+                    directions[id(p)] = (v.to(p.dtype), None if nu is None else nu.to(p.dtype))
         for group in self.param_groups:
             lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
             for p in group["params"]:
                 if id(p) in directions:
-                    d_p = directions[id(p)]
+                    d_p, nu = directions[id(p)]
+                    if not mom:
+                        if wd:
+                            p.mul_(1.0 - lr * wd)
+                        if nu is None:
+                            p.add_(d_p, alpha=-lr)
+                        else:
+                            p.addcmul_(d_p, nu, value=-lr)
+                        continue
+                    if nu is not None:
+                        d_p = d_p.mul_(nu)  # this step's own tensor
+                    if wd:
+                        d_p = d_p.add_(p, alpha=wd)
                 elif p.grad is not None:
                     d_p = p.grad
+                    if wd:
+                        d_p = d_p.add(p, alpha=wd)
                 else:
                     continue
-                if wd:
-                    # the K-FAC directions are this step's own tensors: weight decay in place
-                    d_p = d_p.add_(p, alpha=wd) if id(p) in directions else d_p.add(p, alpha=wd)
                 if mom:
                     state = self.state[p]
                     buf = state.get("momentum_buffer")
