@@ -207,6 +207,7 @@ def test_profile_validation(tmp_path):
         (lambda r: r["runs"]["sgd"].update(lr_per_step=dict(ONE_CYCLE, pct_start=1.5)), r"pct_start must be in \(0, 1\)"),
         (lambda r: r["runs"]["sgd"].update(lr_per_step=dict(ONE_CYCLE, max_lr=-1)), "max_lr must be a positive"),
         (lambda r: r["runs"]["b-kfac"].update(lr_per_step=ONE_CYCLE), "lr_per_step and an lr_schedule"),
+        (lambda r: r["train"].update(amp="fp8"), "train.amp must be one of"),
     ]:
         bad = yaml.safe_load(yaml.safe_dump(raw))
         mutate(bad)
@@ -239,3 +240,47 @@ def test_data_parallel_train_two_processes(tmp_path, monkeypatch):
     assert 0.0 <= summary["final_test_acc"] <= 1.0
     ck = load_checkpoint(out / "checkpoint.pt")
     assert ck["world_size"] == 2 and "kfac" in ck["optimizer"]
+
+
+def _amp_profile(tmp_path, amp):
+    import yaml
+
+    from bkfac.experiments.profiles import PROFILE_DIR
+
+    raw = yaml.safe_load((PROFILE_DIR / "smoke.yaml").read_text())
+    raw["train"]["amp"] = amp
+    path = tmp_path / f"smoke-{amp}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_profile(str(path))
+
+
+def test_amp_is_recorded_only_when_set():
+    """``train.amp`` left out (or null) keeps a run's recorded inputs as they were before the key
+    existed; set, it is part of them."""
+    from bkfac.experiments.manifest import run_inputs
+
+    smoke = load_profile("smoke")
+    assert smoke.train["amp"] is None and "amp" not in run_inputs(smoke, "b-kfac", 0)["train"]
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_training_under_autocast_tracks_float32_and_resumes(amp, fake_data, tmp_path):
+    """Every step's forward and loss under autocast (fp16 with a GradScaler): b-kfac's first epoch
+    lands near the float32 run's (the tolerance of tests/test_autocast.py), the inputs record
+    the precision, and an interrupted run resumes to the uninterrupted numbers (the scaler's
+    state travels in the checkpoint)."""
+    from bkfac.experiments.manifest import run_inputs
+
+    profile = _amp_profile(tmp_path, amp)
+    assert run_inputs(profile, "b-kfac", 0)["train"]["amp"] == amp
+    ref = train_mod.train_run(load_profile("smoke"), "b-kfac", out_root=str(tmp_path / "f32"), progress=False)
+    full = train_mod.train_run(profile, "b-kfac", out_root=str(tmp_path / "a"), progress=False)
+    assert full.summary["inputs"]["train"]["amp"] == amp
+    for h, r in zip(full.history, ref.history):
+        assert abs(h["train_loss"] - r["train_loss"]) < 0.2 * r["train_loss"]
+    assert _curves(full.history) != _curves(ref.history)  # autocast did run
+    train_mod.train_run(profile, "b-kfac", out_root=str(tmp_path / "b"), progress=False, stop_after_batches=4)
+    ck = load_checkpoint(tmp_path / "b" / profile.name / "b-kfac" / "seed0" / "checkpoint.pt")
+    assert (ck["grad_scaler"] is not None) == (amp == "fp16")
+    resumed = train_mod.train_run(profile, "b-kfac", out_root=str(tmp_path / "b"), progress=False, resume=True)
+    assert _curves(resumed.history) == _curves(full.history)

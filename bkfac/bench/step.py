@@ -193,6 +193,8 @@ class _Bench:
     samples: dict[str, list[dict]] = field(default_factory=dict)
     warm: set = field(default_factory=set)
     first: dict = field(default_factory=dict)
+    #: the profile's precision (``train.amp``), as training runs it
+    mp: object = None
 
 
 class _Batches:
@@ -233,11 +235,12 @@ def _one_step(b: _Bench, batches: _Batches, device, k: int | None) -> dict:
     sync(device)
     t1 = time.perf_counter()
     b.opt.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(b.model(x), y)
-    loss.backward()
+    with b.mp.autocast():
+        loss = F.cross_entropy(b.model(x), y)
+    b.mp.backward(loss)
     sync(device)
     t2 = time.perf_counter()
-    b.opt.step()
+    b.mp.step(b.opt)
     sync(device)
     t3 = time.perf_counter()
     if not math.isfinite(float(loss.detach())):
@@ -263,7 +266,10 @@ def _make_bench(name: str, profile, base_model, *, device, sync_timer: bool) -> 
         opt = make_optimizer(opt_name, model, **hyper)
     if hasattr(opt, "set_epoch"):
         opt.set_epoch(1)
-    return _Bench(name, label, model, opt, step_kinds(optimizer_periods(opt)))
+    from ..experiments.train import MixedPrecision
+
+    return _Bench(name, label, model, opt, step_kinds(optimizer_periods(opt)),
+                  mp=MixedPrecision(profile.train.get("amp"), device))
 
 
 def _median_phases(samples: list[dict]) -> dict:
@@ -291,6 +297,8 @@ def bench_step(profile, optimizers=OPTIMIZERS, *, device="cpu", dtype=torch.floa
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     device = torch.device(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the training harness runs every optimizer
     spec = profile.model
     torch.manual_seed(seed)
     base = build_model(spec).to(device=device, dtype=dtype)

@@ -105,7 +105,7 @@ def run_inputs(profile: Profile, run: str, seed: int, *, defaults: dict | None =
     run was trained to when it is not the profile's (``bkfac train --epochs``)."""
     opt_name, hyper, label = profile.resolve_run(run)
     spec = profile.runs.get(run, {})
-    train = {k: v for k, v in profile.train.items() if k != "seeds"}
+    train = train_inputs(profile)
     if epochs is not None:
         train["epochs"] = epochs
     resolved = _resolved_hyper(opt_name, hyper, defaults)
@@ -116,6 +116,15 @@ def run_inputs(profile: Profile, run: str, seed: int, *, defaults: dict | None =
         optimizer=opt_name, hyper=resolved, lr_per_step=spec.get("lr_per_step"),
         seed=seed,
     ))
+
+
+def train_inputs(profile: Profile) -> dict:
+    """The ``train`` section as it decides a result: without ``seeds`` (each run records its
+    own), and without the optional keys that keep their default (``profiles.OPTIONAL_TRAIN``)."""
+    from .profiles import OPTIONAL_TRAIN
+
+    return {k: v for k, v in profile.train.items()
+            if k != "seeds" and not (k in OPTIONAL_TRAIN and v == OPTIONAL_TRAIN[k])}
 
 
 def train_steps_per_epoch(profile: Profile) -> int:
@@ -132,7 +141,7 @@ def error_study_inputs(profile: Profile, seeds: list[int], *, drive: str, window
                        window_epochs: list[int], algorithms: dict) -> dict:
     """The inputs of the error study: the profile's data, model and train sections, the K-FAC
     hyper-parameters the driver and the shadows use, the study's own settings and seeds."""
-    train = {k: v for k, v in profile.train.items() if k != "seeds"}
+    train = train_inputs(profile)
     kfac = {name: _resolved_hyper(*profile.resolve_run(name)[:2])
             for name in ("k-fac", "r-kfac") if profile.resolve_run(name)[0] in KFAC_NAMES}
     return canonical(dict(

@@ -41,6 +41,7 @@ _SCHEMA = {
         "seeds": list,
         "targets": list,
         "max_batches_per_epoch": (int, type(None)),
+        "amp": (str, type(None)),
     },
     "kfac": dict,
     "runs": dict,
@@ -52,6 +53,13 @@ _SCHEMA = {
         "layer": str,
     },
 }
+
+#: train keys a profile may leave out, with the value they then take (not recorded in a run's
+#: inputs while they keep it, so adding one leaves the stored runs' inputs as they were)
+OPTIONAL_TRAIN = {"amp": None}
+#: ``train.amp``: the forward and loss under ``torch.autocast`` in this dtype (``fp16`` with a
+#: ``torch.amp.GradScaler``); ``None`` trains in float32
+AMP_CHOICES = (None, "bf16", "fp16")
 
 KFAC_NAMES = ("k-fac", "r-kfac", "sre-kfac", "b-kfac", "b-r-kfac", "b-kfac-c")
 
@@ -214,6 +222,9 @@ def load_profile(name_or_path: str) -> Profile:
         raise ValueError(f"profile {path} is not valid YAML{where}: {problem}") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read profile {path}: {exc}") from None
+    if isinstance(raw, dict) and isinstance(raw.get("train"), dict):
+        for key, default in OPTIONAL_TRAIN.items():
+            raw["train"].setdefault(key, default)
     _check(raw, _SCHEMA, f"profile {path.name}")
     check_name(f"profile {path.name}: name", raw["name"])
     for run in raw["runs"]:
@@ -231,6 +242,8 @@ def load_profile(name_or_path: str) -> Profile:
             raise ValueError(f"data.{key} must be >= 1 or null (the whole split), got {raw['data'][key]}")
     if t["max_batches_per_epoch"] is not None and t["max_batches_per_epoch"] < 1:
         raise ValueError(f"train.max_batches_per_epoch must be >= 1 or null, got {t['max_batches_per_epoch']}")
+    if t["amp"] not in AMP_CHOICES:
+        raise ValueError(f"train.amp must be one of {AMP_CHOICES}, got {t['amp']!r}")
     if raw["device"] not in ("cpu", "cuda") and not raw["device"].startswith("cuda:"):
         raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {raw['device']!r}")
     profile = Profile(raw["name"], raw)

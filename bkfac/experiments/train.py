@@ -27,6 +27,10 @@ say otherwise; evaluation time is recorded separately. ``synthetic_data=True``
 (``--synthetic-data``) trains on random CIFAR-shaped images for timing and writes under
 ``data/results/<profile>-synthetic/``.
 
+Precision (:class:`MixedPrecision`): a profile's ``train.amp`` (``bf16`` or ``fp16``) runs every
+optimizer's forward and loss under ``torch.autocast`` (``fp16`` with a ``GradScaler``); on CUDA
+``torch.backends.cudnn.benchmark`` is on, as practitioners train. The default trains in float32.
+
 A run folder has one owner: the process training into it holds a lock on it (a second one is
 refused), removes the temp files a killed writer left, and checks the folder before anything
 trains (:func:`check_run_dir`): a folder holding a run (finished or not) is continued only with
@@ -63,7 +67,8 @@ from .profiles import Profile
 from .results import (CHECKPOINT, HISTORY, RUN_FILES, SUMMARY, atomic_torch_save, check_name, clean_temp_files,
                       inspect_run, load_checkpoint, read_csv, results_dir, write_csv, write_json)
 
-__all__ = ["train_run", "RunResult", "resolve_device", "evaluate", "one_cycle", "run_dir", "check_run_dir"]
+__all__ = ["train_run", "RunResult", "resolve_device", "evaluate", "one_cycle", "run_dir", "check_run_dir",
+           "MixedPrecision"]
 
 PHASE_COLUMNS = ("data", "forward_backward", "statistics", "inverse", "precondition", "rest")
 
@@ -130,6 +135,48 @@ def _set_rng_state(st, device):
     torch.set_rng_state(st["torch"])
     if device.type == "cuda" and "cuda" in st:
         torch.cuda.set_rng_state(st["cuda"], device)
+
+
+class MixedPrecision:
+    """The precision of a training step, from the profile's ``train.amp``: ``None`` (float32),
+    ``'bf16'`` (forward and loss under ``torch.autocast`` in bfloat16) or ``'fp16'`` (float16
+    autocast and a ``torch.amp.GradScaler``, whose overflowed steps change nothing). Every
+    optimizer keeps its factors, decompositions and preconditioning in float32 under it
+    (``tests/test_autocast.py``); the harness uses the same setting for every optimizer, SGD
+    included. Evaluation runs in float32."""
+
+    DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+    def __init__(self, amp: str | None, device: torch.device):
+        if amp is not None and amp not in self.DTYPES:
+            raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
+        self.amp = amp
+        self.device_type = torch.device(device).type
+        self.dtype = self.DTYPES.get(amp)
+        self.scaler = torch.amp.GradScaler(self.device_type) if amp == "fp16" else None
+
+    def autocast(self):
+        """The context for the forward pass and the loss."""
+        return torch.autocast(self.device_type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def step(self, opt) -> None:
+        """``opt.step()``, through the scaler under ``fp16`` (the K-FAC family and SENG take the
+        loss scale from it and skip an overflowed step)."""
+        if self.scaler is None:
+            opt.step()
+        else:
+            self.scaler.step(opt)
+            self.scaler.update()
+
+    def state_dict(self) -> dict | None:
+        return None if self.scaler is None else self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
 
 
 def summarize(history: list[dict], targets: list[float]) -> dict:
@@ -372,7 +419,10 @@ def _train(profile: Profile, run: str, *, seed: int, dev: torch.device, data_dir
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
         if opt_name not in ("sgd", "seng"):
             hyper = {**hyper, "comm": TorchDistributedComm(device=dev)}
+    mp = MixedPrecision(t.get("amp"), dev)
     if dev.type == "cuda":
+        # as practitioners train: cuDNN picks its fastest convolution algorithms for these shapes
+        torch.backends.cudnn.benchmark = True
         # phases of a CUDA step are asynchronous: without a synchronisation at each phase boundary
         # the work lands in whichever phase next waits for the GPU (the loop syncs around the step)
         hyper = {**hyper, "sync_timer": True}
@@ -410,6 +460,7 @@ def _train(profile: Profile, run: str, *, seed: int, dev: torch.device, data_dir
                                      f"{batches} batches (lr_per_step runs cannot change their epoch budget)")
                 scheduler.load_state_dict(ck["lr_scheduler"])
             _set_rng_state(ck["rng"], dev)
+            mp.load_state_dict(ck.get("grad_scaler"))
         except (ValueError, RuntimeError, KeyError, TypeError) as exc:
             raise ValueError(f"cannot resume {run} from checkpoint {ckpt_path}: {exc}") from None
         history = ck["history"]
@@ -444,14 +495,15 @@ def _train(profile: Profile, run: str, *, seed: int, dev: torch.device, data_dir
             if distributed:  # this rank's share of the global batch
                 x, y = x.chunk(world)[rank], y.chunk(world)[rank]
             opt.zero_grad(set_to_none=True)
-            logits = net(x)
-            if getattr(opt, "fisher", "empirical") == "mc" and opt.wants_statistics():
-                opt.capture.sampled_fisher_backward(logits)
-            loss = F.cross_entropy(logits, y)
-            loss.backward()
+            with mp.autocast():
+                logits = net(x)
+                if getattr(opt, "fisher", "empirical") == "mc" and opt.wants_statistics():
+                    opt.capture.sampled_fisher_backward(logits)
+                loss = F.cross_entropy(logits, y)
+            mp.backward(loss)
             _sync(dev)
             t2 = time.perf_counter()
-            opt.step()
+            mp.step(opt)
             if scheduler is not None:
                 scheduler.step()
             _sync(dev)
@@ -491,7 +543,7 @@ def _train(profile: Profile, run: str, *, seed: int, dev: torch.device, data_dir
             write_csv(out_dir / HISTORY, history)
             atomic_torch_save({"model": model.state_dict(), "optimizer": opt_state, "history": history,
                                "epoch": epoch, "rng": _rng_state(dev), "world_size": world, "seed": seed,
-                               "inputs": inputs, "inputs_hash": ihash,
+                               "inputs": inputs, "inputs_hash": ihash, "grad_scaler": mp.state_dict(),
                                "lr_scheduler": scheduler.state_dict() if scheduler is not None else None}, ckpt_path)
     result.summary = summarize(history, t["targets"])
     result.summary.update(profile=profile.name, run=run, label=label, optimizer=opt_name, seed=seed,
