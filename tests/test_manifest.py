@@ -261,6 +261,14 @@ def test_only_reads_under_data_results_are_recorded(tmp_path):
     with open(res / "written.csv", "w") as fh:
         fh.write("a\n")
     assert m.results_read() == [res / "summary.json"]
+    # an unfinished run (no summary.json) is read for planning, never a source
+    part = tmp_path / "data" / "results" / "cpu" / "k-fac" / "seed1"
+    part.mkdir(parents=True)
+    (part / "history.csv").write_text("epoch\n1\n")
+    (part / "history.csv").read_text()
+    assert m.results_read() == [res / "summary.json"]
+    (part / "summary.json").write_text("{}")  # finished: its history is a source
+    assert m.results_read() == [res / "summary.json", part / "history.csv"]
     m.clear_reads()
     assert m.results_read() == []
 

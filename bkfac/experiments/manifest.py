@@ -744,10 +744,21 @@ def watch_reads() -> None:
 
 def results_read() -> list[Path]:
     """The stored-result files this process has read since :func:`watch_reads` (or
-    :func:`clear_reads`), in the order first read, those that still exist."""
+    :func:`clear_reads`), in the order first read, those that still exist -- less the files of
+    unfinished training runs (a ``seed<k>/`` folder without ``summary.json``): planning reads
+    them (epochs done, time per epoch), no result is drawn from them, and they are never
+    committed."""
     with _READS_LOCK:
         paths = list(_READS)
-    return [Path(p) for p in paths if os.path.isfile(p)]
+    out = []
+    for p in paths:
+        if not os.path.isfile(p):
+            continue
+        where = _result_of(Path(p))
+        if where is not None and where[2] == "run" and not (Path(p).parent / "summary.json").is_file():
+            continue
+        out.append(Path(p))
+    return out
 
 
 def clear_reads() -> None:

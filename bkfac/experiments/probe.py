@@ -137,24 +137,38 @@ def plot_probe(panels: dict[str, list[dict]], path=None):
     marks a diverged step. Returns the figure."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    n = len(panels)
+    ncols = min(2, n)  # two panels a row: the figure fits the book's column (850 px)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.1 * nrows + 0.5), squeeze=False)
+    flat = [ax for row in axes for ax in row]
     colours = {"batch": "tab:red", "identity": "tab:blue"}
-    for ax, (title, rows) in zip(axes[0], panels.items()):
+    legend: dict[str, object] = {}
+    for ax, (title, rows) in zip(flat, panels.items()):
         for label in dict.fromkeys(r["label"] for r in rows):
             sel = sorted((r for r in rows if r["label"] == label), key=lambda r: r["step"])
             ls = "-" if abs(sel[0]["lr"] - 0.3) < 1e-12 else "--"
-            ax.plot([r["step"] for r in sel], [r["loss"] for r in sel], ls, marker=".", ms=3,
-                    color=colours.get(sel[0]["factor_init"], "0.4"), label=label)
+            start = "identity" if sel[0]["factor_init"] == "identity" else "first batch"
+            key = f"lr {sel[0]['lr']:g}, EA from the {start}"
+            (line,) = ax.plot([r["step"] for r in sel], [r["loss"] for r in sel], ls, marker=".", ms=3,
+                              color=colours.get(sel[0]["factor_init"], "0.4"), label=key)
+            legend.setdefault(key, line)
             for r in sel:
                 if r["diverged"]:
                     ax.plot(r["step"], r["loss"], "x", color="k", ms=8)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
-        ax.set_ylabel("training loss (cross-entropy, nats)")
+        ax.set_ylabel("training loss (nats)")
         ax.set_yscale("log")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    spare = flat[n:]
+    for ax in spare:
+        ax.axis("off")
+    if spare:  # the legend in the empty panel, clear of the data
+        spare[0].legend(legend.values(), legend.keys(), loc="center", fontsize=8, frameon=False)
+        fig.tight_layout()
+    else:
+        fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=2, fontsize=7, frameon=False)
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
     if path is not None:
         fig.savefig(path, dpi=120, bbox_inches="tight")
     return fig
