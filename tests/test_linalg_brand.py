@@ -474,3 +474,20 @@ def test_check_finite_by_its_sum_and_entries():
     x[0], x[1] = float("inf"), -float("inf")
     with pytest.raises(ValueError, match="non-finite"):
         check_finite("x", x)
+
+
+def test_unchecked_update_equals_the_checked_one():
+    """``check=False`` (the optimizers' path: inputs from an earlier update, the batch checked
+    upstream) gives the checked result bit for bit on valid input, both routes (r + n < dim and
+    the dense fallback), and still refuses shapes that do not fit."""
+    g = torch.Generator().manual_seed(5)
+    for dim, r, n in ((40, 6, 5), (9, 5, 6)):
+        U, _ = torch.linalg.qr(torch.randn(dim, r, generator=g, dtype=torch.float64))
+        d = torch.rand(r, generator=g, dtype=torch.float64).sort(descending=True).values
+        A = torch.randn(dim, n, generator=g, dtype=torch.float64)
+        Uc, dc = brand_update(U, d, A)
+        Uu, du = brand_update(U, d, A, check=False)
+        assert torch.equal(Uc, Uu) and torch.equal(dc, du)
+        assert bool((du >= 0).all())
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        brand_update(U, d, torch.randn(dim + 1, 2, dtype=torch.float64), check=False)

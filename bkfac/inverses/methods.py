@@ -486,14 +486,14 @@ class BrandInverse(_LowRank):
         if self.U is None:
             empty = batch.new_zeros(self.dim, 0)
             if self.identity_start:  # rho * I + (1 - rho) M_0 M_0^T
-                U, d = brand_update(empty, batch.new_zeros(0), math.sqrt(1.0 - self.rho) * batch)
+                U, d = brand_update(empty, batch.new_zeros(0), math.sqrt(1.0 - self.rho) * batch, check=False)
                 self._set(U, d, identity=self.rho)
             else:
-                U, d = brand_update(empty, batch.new_zeros(0), batch)
+                U, d = brand_update(empty, batch.new_zeros(0), batch, check=False)
                 self._set(U, d, identity=0.0)
         else:
             U, d = truncate(self.U, self.d, self.rank)
-            U, d = brand_update(U, self.rho * d, math.sqrt(1.0 - self.rho) * batch)
+            U, d = brand_update(U, self.rho * d, math.sqrt(1.0 - self.rho) * batch, check=False)
             self._set(U, d, identity=self.rho * self.identity)
 
     def refresh(self, k: int) -> None:
@@ -530,7 +530,7 @@ class BrandRSVDInverse(BrandInverse):
             if self._overwrite is not None:
                 U, d, identity = self._overwrite
                 self._overwrite = None
-                U, d = brand_update(U, self.rho * d, math.sqrt(1.0 - self.rho) * self._batch)
+                U, d = brand_update(U, self.rho * d, math.sqrt(1.0 - self.rho) * self._batch, check=False)
                 self._set(U, d, identity=self.rho * identity)
             else:
                 self._b_update(self._batch)

@@ -243,7 +243,7 @@ def _check_lowrank(name_u: str, U: Tensor, name_d: str, d: Tensor, name_a: str, 
         raise ValueError(f"{name_u}, {name_d} and {name_a} must be on one device")
 
 
-def brand_update(U: Tensor, d: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+def brand_update(U: Tensor, d: Tensor, A: Tensor, *, check: bool = True) -> tuple[Tensor, Tensor]:
     """Symmetric Brand update (Algorithm 3 of Puiu 2022; Brand 2006).
 
     Given an orthonormal ``U`` (dim x r), eigenvalues ``d`` (r,) of the PSD matrix
@@ -264,15 +264,27 @@ def brand_update(U: Tensor, d: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
 
     In b-kfac (Alg. 4, line 6) the call is ``brand_update(U, rho * d, sqrt(1 - rho) * A_k)``.
     Cost ``O(dim (r+n)^2 + (r+n)^3)``.
+
+    ``check=False`` (the optimizers' hot path) skips the argument checks -- shapes aside, each
+    is a pass over ``U`` or ``A`` and a host sync -- for callers whose ``U``, ``d`` come from an
+    earlier update and whose ``A`` was checked finite: ``d`` is taken as non-negative, and the
+    eigenvalues of ``M_S = L diag(d, 1) L^T`` (positive semi-definite by construction) are
+    clamped at zero without the test that only a negative ``d`` could fail.
     """
-    _check_lowrank("U", U, "d", d, "A", A)
+    if check:
+        _check_lowrank("U", U, "d", d, "A", A)
+    elif U.dim() != 2 or A.dim() != 2 or A.shape[0] != U.shape[0] or d.shape != (U.shape[1],):
+        raise ValueError(f"shapes do not fit: U {tuple(U.shape)}, d {tuple(d.shape)}, A {tuple(A.shape)}")
     dim, r = U.shape
     n = A.shape[1]
-    d = clamp_rounding_negatives("d", d, max(r, 1))
+    if check:
+        d = clamp_rounding_negatives("d", d, max(r, 1))
     if r + n >= dim:
         X = (U * d) @ U.mT + A @ A.mT
         X = 0.5 * (X + X.mT)
         evals, evecs = _eigh_desc(X)
+        if not check:
+            return evecs, evals.clamp_min(0.0)
         return evecs, clamp_rounding_negatives("eigenvalues of U diag(d) U^T + A A^T", evals, dim)
     C, Q, R = orthonormal_extension(U, A)
     # L = [[I, C], [0, R]];  M_S = L diag(d, 1) L^T   (identity (7) with B = A, V = U)
@@ -284,7 +296,7 @@ def brand_update(U: Tensor, d: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
     MS = (L * w) @ L.mT
     MS = 0.5 * (MS + MS.mT)
     evals, Um = _eigh_desc(MS)
-    evals = clamp_rounding_negatives("eigenvalues of M_S", evals, r + n)
+    evals = clamp_rounding_negatives("eigenvalues of M_S", evals, r + n) if check else evals.clamp_min(0.0)
     U_new = _aligned_product((U, Um[:r]), (Q, Um[r:]))
     return U_new, evals
 

@@ -1028,12 +1028,11 @@ class KFACFamily(torch.optim.Optimizer):
             self.comm.all_reduce_gradients([p for g in self.param_groups for p in g["params"]])
             if not self._initialized:
                 self._init_layers()
-            # On a step where no factor takes statistics (the Alg. 8 layers still build A_k, G_k)
-            # nothing is mutated before the precondition phase, so the finiteness checks of the
-            # gradients and of A_k, G_k share one host sync at the end of this phase; a step that
-            # feeds a factor checks each batch before it is folded in.
-            observing = any(inv is not None and inv.wants_batch(k) for L in self.layers for inv in (L.inv_A, L.inv_G))
-            pending: list | None = None if observing else []
+            # The finiteness checks of the gradients and of every batch (A_k, G_k or their outer
+            # products) share one host sync at the end of this phase; the factors take their
+            # batches only after it, so a step with a non-finite batch changes no factor.
+            pending: list = []
+            observations: list = []  # (method, batch) handed to the factors after the checks
             if self.check_finite:
                 self._check_grads(pending)
             batches = {}
@@ -1051,23 +1050,25 @@ class KFACFamily(torch.optim.Optimizer):
                 outer_A = local and not use_alg8 and L.inv_A.accepts_outer
                 outer_G = local and not use_alg8 and L.inv_G.accepts_outer
                 if L.inv_A.wants_batch(k) and outer_A:
-                    L.inv_A.observe_outer(k, self._checked(lc.batch_outer_A(dtype), lc, "input activations", k, True))
+                    observations.append((L.inv_A.observe_outer, self._checked(
+                        lc.batch_outer_A(dtype), lc, "input activations", k, True, pending)))
                 elif L.inv_A.wants_batch(k) or use_alg8:
                     A = self._checked(self.comm.gather_columns(lc.batch_A(dtype)), lc, "input activations", k,
                                       pending=pending)
                     if L.inv_A.wants_batch(k) and self.comm.is_owner((lc.name, "A")):
-                        L.inv_A.observe(k, A)
+                        observations.append((L.inv_A.observe, A))
                 if L.inv_G.wants_batch(k) and outer_G:
-                    L.inv_G.observe_outer(k, self._checked(lc.batch_outer_G(self.capture.reduction, dtype), lc,
-                                                           "output gradients", k, True))
+                    observations.append((L.inv_G.observe_outer, self._checked(
+                        lc.batch_outer_G(self.capture.reduction, dtype), lc, "output gradients", k, True, pending)))
                 elif L.inv_G.wants_batch(k) or use_alg8:
                     G = self._checked(self.comm.gather_columns(lc.batch_G(self.capture.reduction, dtype)), lc,
                                       "output gradients", k, pending=pending)
                     if L.inv_G.wants_batch(k) and self.comm.is_owner((lc.name, "G")):
-                        L.inv_G.observe(k, G)
+                        observations.append((L.inv_G.observe, G))
                 batches[id(L)] = (A, G, use_alg8)
-            if pending:
-                self._flush(pending)
+            self._flush(pending)
+            for observe, M in observations:
+                observe(k, M)
         with timer.phase("inverse"):
             invs = {}
             for L in self.layers:
