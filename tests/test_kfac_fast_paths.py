@@ -313,3 +313,24 @@ def test_channels_last_statistics_equal_the_unfold_reference(stride, padding, bi
     for outer_A, outer_G in outs:
         assert torch.allclose(outer_A, ref_A, rtol=1e-12, atol=1e-12)
         assert torch.allclose(outer_G, G @ G.T, rtol=1e-12, atol=1e-12)
+
+
+def test_a_nonfinite_batch_on_a_statistics_step_changes_no_factor():
+    """A statistics step checks every layer's batch with one sync before any factor takes its
+    batch: an inf in the last layer's input leaves the first layer's factors as they were."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 4))
+    opt = bkfac.KFAC(model, lr=0.01, t_updt=1, t_inv=1)  # its EA factors move on every observe
+    x, y = torch.randn(8, 12), torch.randint(0, 4, (8,))
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    before = [t.clone() for f in opt.k_factors().values() for t in (f.ea, f.U, f.d) if t is not None]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.capture.layers[1].inputs = opt.capture.layers[1].inputs.clone().fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match="non-finite input activations in layer '2'"):
+        opt.step()
+    after = [t for f in opt.k_factors().values() for t in (f.ea, f.U, f.d) if t is not None]
+    assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(after, before))
