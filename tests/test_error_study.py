@@ -573,3 +573,40 @@ def test_sec43_claims_verdicts_follow_the_orderings():
     assert both["bc_between"]["verdict"] == "not reproduced" and "1,2,3,4" in both["bc_between"]["fails_on_metrics"]
     with pytest.raises(ValueError, match="no window"):
         es.sec43_claims({})
+
+
+def test_a_complete_seed_is_kept_when_its_inputs_differ_only_where_no_result_can(tmp_path, monkeypatch, one_thread):
+    """``resume`` keeps a complete seed whose recorded inputs differ from today's only in what
+    ``comparable_inputs`` drops (the number of seeds, hyper-parameters k-fac ignores), and
+    recomputes one whose inputs differ in what decides it (here its window)."""
+    import copy
+
+    from bkfac.experiments.manifest import inputs_hash
+    from bkfac.experiments.profiles import load_profile
+
+    data = _synthetic_cifar()
+    monkeypatch.setattr(es, "load_cifar10", lambda data_dir=None, **kw: data)
+    prof = load_profile("smoke")
+    es.run_error_study(prof, seeds=[0], out_root=str(tmp_path), progress=False, resume=True)
+    run_file = tmp_path / "smoke" / "error_study" / "seed0" / "run.json"
+    done = json.loads(run_file.read_text())
+
+    def rerun():
+        calls = []
+        real = es._trajectory
+        monkeypatch.setattr(es, "_trajectory", lambda *a, **k: calls.append(1) or real(*a, **k))
+        es.run_error_study(prof, seeds=[0], out_root=str(tmp_path), progress=False, resume=True)
+        monkeypatch.setattr(es, "_trajectory", real)
+        return bool(calls)
+
+    harmless = copy.deepcopy(done)
+    harmless["inputs"]["error_study"]["repeats"] = 7
+    harmless["inputs"]["kfac"]["k-fac"]["rank"] = 3  # k-fac has no rank
+    harmless["inputs_hash"] = inputs_hash(harmless["inputs"])
+    run_file.write_text(json.dumps(harmless))
+    assert not rerun()
+    decisive = copy.deepcopy(done)
+    decisive["inputs"]["error_study"]["window"] = done["inputs"]["error_study"]["window"] + 1
+    decisive["inputs_hash"] = inputs_hash(decisive["inputs"])
+    run_file.write_text(json.dumps(decisive))
+    assert rerun()

@@ -1655,14 +1655,15 @@ def run_error_study(
     Seeds: ``seeds``, else ``repeats`` seeds from ``seed`` (defaults: the profile's ``seeds`` or
     ``repeats`` from its first training seed). Each seed's trajectory writes
     ``seed<k>/rows.csv`` and ``seed<k>/run.json`` when it completes; with ``resume`` a seed
-    already complete with the same inputs is kept, and an interrupted one continues from its
+    already complete with the same inputs (as :func:`~bkfac.experiments.manifest.comparable_inputs`
+    compares them) is kept, and an interrupted one continues from its
     last checkpoint (``seed<k>/checkpoint.pt``, saved at epoch boundaries between windows).
     The combined files (module docstring) are written from every complete seed, ``config.json``
     saying which. ``window``/``window_epochs`` override the profile's (recorded); ``drive``
     picks the trajectory (``"reference"`` = k-fac with ``T_inv = T_updt``, the paper's)."""
     import json
 
-    from .manifest import error_study_inputs, inputs_hash, provenance
+    from .manifest import comparable_inputs, error_study_inputs, inputs_hash, provenance
     from .train import resolve_device
 
     es = profile.error_study
@@ -1703,7 +1704,12 @@ def run_error_study(
         run_file = sdir / "run.json"
         if resume and run_file.exists():
             done = json.loads(run_file.read_text())
-            if done.get("inputs_hash") == key:
+            # kept when its inputs are today's, or differ only where no result can change
+            # (manifest.comparable_inputs: the number of seeds, hyper-parameters a method ignores)
+            same = done.get("inputs_hash") == key or (
+                isinstance(done.get("inputs"), dict)
+                and inputs_hash(comparable_inputs(done["inputs"])) == inputs_hash(comparable_inputs(seed_inputs)))
+            if same:
                 all_rows += _num(read_csv(sdir / "rows.csv"))
                 diags.append(done["diag"])
                 if progress:
