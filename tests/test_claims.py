@@ -117,3 +117,20 @@ def test_mismatches_catches_a_typed_verdict():
     assert C.mismatches(forged, "cpu") == ["prop31"]
     with pytest.raises(ValueError, match="key"):
         C.recompute("no-such-claim")
+
+
+def test_scales_follow_the_stored_evidence(tmp_path):
+    """The scale column of the training and error-study claims is computed from what is stored:
+    the seeds per run and the error study's runs and windows, not typed for one profile."""
+    import json
+
+    from bkfac.experiments.claims import Evidence, es_scale, runs_scale
+
+    runs = {"sgd": [{"summary": {}, "history": []}] * 2, "k-fac": [{"summary": {}, "history": []}] * 2}
+    ev = Evidence("cpu", root=tmp_path, runs=runs)
+    assert "2 seed(s) per run" in runs_scale(ev) and "FC0 4096 -> 2048" in runs_scale(ev)
+    es_dir = tmp_path / "data" / "results" / "cpu" / "error_study"
+    es_dir.mkdir(parents=True)
+    (es_dir / "config.json").write_text(json.dumps({"seeds": [0, 1, 2], "window_epochs": [2, 6]}))
+    assert es_scale(Evidence("cpu", root=tmp_path)).startswith(
+        "profile cpu error study: 3 run(s) (paper 5), windows at epochs 2 and 6 of 7")

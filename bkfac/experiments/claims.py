@@ -274,6 +274,11 @@ class Evidence:
         return base / self.profile.name / "error_study"
 
     @cached_property
+    def error_study_config(self) -> dict | None:
+        p = self.error_study_dir / "config.json"
+        return json.loads(p.read_text()) if p.exists() else None
+
+    @cached_property
     def orderings(self) -> dict | None:
         p = self.error_study_dir / "orderings.json"
         return json.loads(p.read_text()) if p.exists() else None
@@ -417,7 +422,7 @@ class Claim:
     section: str
     claim: str
     evidence: str
-    scale: str
+    scale: str | Callable[[Evidence], str]  # a callable computes it from the evidence
     decide: Callable[[Evidence], tuple[str, str]] | None = None
     judgement: tuple[str, str] | None = None
 
@@ -435,14 +440,35 @@ class Claim:
         verdict, why = self.decide(ev) if self.decide is not None else self.judgement
         if verdict not in VERDICTS:
             raise ValueError(f"claim {self.key!r} decided {verdict!r}, not one of {VERDICTS}")
+        scale = self.scale(ev) if callable(self.scale) else self.scale
         return dict(key=self.key, claim=self.claim, section=self.section, evidence=self.evidence,
-                    scale=self.scale, verdict=verdict, decided_by=self.decided_by, why=why)
+                    scale=scale, verdict=verdict, decided_by=self.decided_by, why=why)
 
 
 BENCH_CPU = "float32, 1 thread of the shared 2-core CPU, n = 256, r = 220 (the paper's FC0 sizes)"
 TOY = "random float64 toy EA processes, d 6-40 (the paper states them for any size)"
-CPU_RUNS = "profile cpu: FC0 4096 -> 2048 (paper 16384), 7 epochs (paper 50), targets 60/70/75 % (paper 91/93/93.5 %)"
-ES = "profile cpu error study: 1 run (paper 5), windows at epochs 3 and 5 of 7 (paper 15 and 30 of 50)"
+
+
+def runs_scale(ev: Evidence) -> str:
+    """The scale of the training-run claims: the profile's FC0, epochs, targets and seeds stored."""
+    from .deviations import _fc0
+
+    t = ev.profile.train
+    fc0 = _fc0(ev.profile.model).split("FC0 ")[-1]
+    n = sorted({len(v) for v in ev.runs.values() if v})
+    seeds = "-".join(str(x) for x in (n[0], n[-1])) if len(n) > 1 else (str(n[0]) if n else "no")
+    targets = "/".join(f"{100 * a:g}" for a in sorted(t["targets"]))
+    return (f"profile {ev.profile.name}: FC0 {fc0} (paper 16384 -> 2048), {t['epochs']} epochs (paper 50), "
+            f"targets {targets} % (paper 91/93/93.5 %), {seeds} seed(s) per run (paper 10)")
+
+
+def es_scale(ev: Evidence) -> str:
+    """The scale of the error-study claims: the stored study's seeds and windows."""
+    cfg = ev.error_study_config or {}
+    seeds = cfg.get("seeds") or []
+    windows = cfg.get("window_epochs") or ev.profile.error_study["window_epochs"]
+    return (f"profile {ev.profile.name} error study: {len(seeds)} run(s) (paper 5), windows at epochs "
+            f"{' and '.join(str(w) for w in windows)} of {ev.profile.train['epochs']} (paper 15 and 30 of 50)")
 
 
 def _sec43(key: str) -> Callable[[Evidence], tuple[str, str]]:
@@ -665,21 +691,21 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("abs-two-outperform", "Abstract",
           "two of these outperform rs-kfac ([3]) for any target test accuracy",
           "time to each target of b-kfac and b-kfac-c vs r-kfac over stored seeds (data/results/<profile>)",
-          CPU_RUNS, decide=lambda ev: combine(
+          runs_scale, decide=lambda ev: combine(
               {**{f"b-kfac {k}": v for k, v in time_orderings(ev, "b-kfac", "r-kfac", _all_targets(ev)).items()},
                **{f"b-kfac-c {k}": v for k, v in time_orderings(ev, "b-kfac-c", "r-kfac", _all_targets(ev)).items()}},
               "b-kfac and b-kfac-c faster than r-kfac") if _have(ev, "b-kfac", "b-kfac-c", "r-kfac")
           else ("not decided", "no stored run of b-kfac, b-kfac-c or r-kfac")),
     Claim("abs-seng-91", "Abstract",
           "Our proposed algorithms achieve 91% test accuracy faster than seng ([5]) but underperform it for "
-          "higher test-accuracy", "time to each target of b-kfac vs seng over stored seeds", CPU_RUNS,
+          "higher test-accuracy", "time to each target of b-kfac vs seng over stored seeds", runs_scale,
           decide=_only_lowest("b-kfac")),
     Claim("intro-brk-vs-kfac", "Sec. 1, contribution 7",
           "b-r-kfac is better than k-fac ([1]) for 3/4 error metrics, while being almost on par for the 4th",
-          "average error of each metric at the last window (error_study/table1.csv)", ES,
+          "average error of each metric at the last window (error_study/table1.csv)", es_scale,
           decide=lambda ev: error_metrics_verdict(ev.table1, "b-r-kfac", "k-fac-5t")),
     Claim("intro-brk-cheaper", "Sec. 1, contribution 7", "and 3x cheaper",
-          "FC0's update time per step of b-r-kfac vs k-fac T_inv = 5 t_updt (error_study/table1.csv)", ES,
+          "FC0's update time per step of b-r-kfac vs k-fac T_inv = 5 t_updt (error_study/table1.csv)", es_scale,
           decide=_update_cost("b-r-kfac", "k-fac-5t", "<", "b-r-kfac cheaper than k-fac")),
     # ---- Sec. 3 and 5: complexity -------------------------------------------------------
     Claim("sec1-decay", "Sec. 1",
@@ -719,60 +745,60 @@ CLAIMS: tuple[Claim, ...] = (
           "tables/proof-footnote11.csv (appendix A)", TOY,
           decide=_prop("proof-footnote11", "footnote 11")),
     # ---- Sec. 4.3 ----------------------------------------------------------------------
-    *(Claim(f"sec43-{k}", "Sec. 4.3", text, "error_study/orderings.json (chapter 4)", ES, decide=_sec43(k))
+    *(Claim(f"sec43-{k}", "Sec. 4.3", text, "error_study/orderings.json (chapter 4)", es_scale, decide=_sec43(k))
       for k, text in SEC43_CLAIMS.items()),
     Claim("sec43-b-cheaper-r10", "Sec. 4.3", "we see that b-kfac is much cheaper than r-kfac (T_inv = 10)",
-          "FC0's update time per step (error_study/table1.csv)", ES,
+          "FC0's update time per step (error_study/table1.csv)", es_scale,
           decide=_update_cost("b-kfac", "r-kfac-1t", "<", "b-kfac cheaper than r-kfac T_inv = t_updt")),
     Claim("sec43-r50-cheaper-b", "Sec. 4.3",
           "increasing T_inv to T_inv = 50 gets r-kfac slightly cheaper per epoch than b-kfac",
-          "FC0's update time per step (error_study/table1.csv)", ES,
+          "FC0's update time per step (error_study/table1.csv)", es_scale,
           decide=_update_cost("r-kfac-5t", "b-kfac", "<", "r-kfac T_inv = 5 t_updt cheaper than b-kfac")),
     # ---- Sec. 6.1 ----------------------------------------------------------------------
     Claim("sec61-seng-best", "Sec. 6.1",
           "seng ... giving the best performance across all benchmarks ... for all target test accuracies apart from 91%",
-          "time to the two higher targets of seng vs every other run, over stored seeds", CPU_RUNS,
+          "time to the two higher targets of seng vs every other run, over stored seeds", runs_scale,
           decide=_seng_best_high),
     Claim("sec61-kfac-weakest", "Sec. 6.1", "k-fac. the weakest of all algorithms",
-          "time to each target of k-fac vs every other run, over stored seeds", CPU_RUNS, decide=_kfac_weakest),
+          "time to each target of k-fac vs every other run, over stored seeds", runs_scale, decide=_kfac_weakest),
     Claim("sec61-kfac-tepoch", "Sec. 6.1", "k-fac ... with very large t_epoch",
           "t_epoch of k-fac vs the other K-FACs (bench/cuda-h200/step/step.csv)",
           "paper's model on one H200", decide=_kfac_h200),
     Claim("sec61-kfac-epochs", "Sec. 6.1",
           "much larger no. of epochs to target accuracy than any of its sped-up versions",
-          "epochs to the middle target of k-fac vs the other K-FACs, over stored seeds", CPU_RUNS,
+          "epochs to the middle target of k-fac vs the other K-FACs, over stored seeds", runs_scale,
           decide=_kfac_epochs),
     Claim("sec61-r-beats-k", "Sec. 6.1", "r-kfac ... giving a performance always better than k-fac",
-          "time to each target of r-kfac vs k-fac, over stored seeds", CPU_RUNS,
+          "time to each target of r-kfac vs k-fac, over stored seeds", runs_scale,
           decide=lambda ev: _vs(ev, "r-kfac", ["k-fac"], _all_targets(ev))),
     Claim("sec61-r-seng-91", "Sec. 6.1", "Nevertheless, it [r-kfac] only outperforms seng for 91% test accuracy",
-          "time to each target of r-kfac vs seng, over stored seeds", CPU_RUNS, decide=_only_lowest("r-kfac")),
+          "time to each target of r-kfac vs seng, over stored seeds", runs_scale, decide=_only_lowest("r-kfac")),
     Claim("sec61-b-lowest-tepoch", "Sec. 6.1",
           "b-kfac: Has the lowest computational cost per epoch (t_epoch) across all kfac-based algorithms",
-          "t_epoch per stored seed (history.csv; timed on a contended 2-core machine)", CPU_RUNS,
+          "t_epoch per stored seed (history.csv; timed on a contended 2-core machine)", runs_scale,
           decide=lambda ev: _epoch_vs(ev, "b-kfac", [r for r in KFAC_RUNS if r != "b-kfac"])),
     Claim("sec61-b-beats-kr", "Sec. 6.1",
           "It [b-kfac] outperforms k-fac and r-kfac (benchmarks 1 and 2) for all considered target accuracies",
-          "time to each target, over stored seeds", CPU_RUNS,
+          "time to each target, over stored seeds", runs_scale,
           decide=lambda ev: _vs(ev, "b-kfac", ["k-fac", "r-kfac"], _all_targets(ev))),
     Claim("sec61-b-best-variant", "Sec. 6.1", "being the best performing b-(.) variant",
-          "time to each target of b-kfac vs b-kfac-c and b-r-kfac, over stored seeds", CPU_RUNS,
+          "time to each target of b-kfac vs b-kfac-c and b-r-kfac, over stored seeds", runs_scale,
           decide=lambda ev: _vs(ev, "b-kfac", ["b-kfac-c", "b-r-kfac"], _all_targets(ev))),
     Claim("sec61-br-epochs", "Sec. 6.1", "b-r-kfac ... improves N_acc>=93% but makes t_epoch worse",
-          "epochs to the middle target and t_epoch of b-r-kfac vs r-kfac, over stored seeds", CPU_RUNS,
+          "epochs to the middle target and t_epoch of b-r-kfac vs r-kfac, over stored seeds", runs_scale,
           decide=_b_r_epochs_and_cost),
     Claim("sec61-br-hits", "Sec. 6.1", "b-r-kfac reaches 93.5% acc. 8 times while r-kfac (T_inv = 250) never does so",
-          "share of seeds reaching the highest target, b-r-kfac vs r-kfac", CPU_RUNS, decide=_b_r_hits),
+          "share of seeds reaching the highest target, b-r-kfac vs r-kfac", runs_scale, decide=_b_r_hits),
     Claim("sec61-bc-between", "Sec. 6.1",
           "b-kfac-c: Lies in between b-kfac and b-r-kfac in terms of both t_epoch and N_acc>=93%",
-          "t_epoch and epochs to the middle target, over stored seeds", CPU_RUNS, decide=_bc_between),
+          "t_epoch and epochs to the middle target, over stored seeds", runs_scale, decide=_bc_between),
     Claim("sec61-bc-outperforms", "Sec. 6.1",
           "it [b-kfac-c] outperforms r-kfac and k-fac benchmarks for all considered target test accuracies, "
           "and outperforms seng for low target accuracy",
-          "time to each target, over stored seeds", CPU_RUNS, decide=_bc_outperforms),
+          "time to each target, over stored seeds", runs_scale, decide=_bc_outperforms),
     # ---- Table 2 orderings -------------------------------------------------------------
     *(Claim(f"table2-order-{i}", "Table 2", f"the order of the optimizers by time to {t} test accuracy",
-            "the paper's order of mean times (data/paper/table2.csv) checked pair by pair on ours", CPU_RUNS,
+            "the paper's order of mean times (data/paper/table2.csv) checked pair by pair on ours", runs_scale,
             decide=lambda ev, i=i: paper_ordering(ev, i))
       for i, t in enumerate(PAPER_TARGETS)),
 )
