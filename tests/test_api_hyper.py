@@ -38,6 +38,7 @@ BAD = {
     "loss_reduction": ["none"],
     "spectrum_continuation": [1, "yes"],
     "linear_time": ["yes"],
+    "alg8_backward": ["yes"],
     "policy": ["first", None],
     "factor_init": ["eye", None, 1],
     "min_damping": [0.0, -1.0],

@@ -115,8 +115,8 @@ def test_k_factors_equal_brute_force(config):
         x, y = torch.randn(N, 2, 5, 5, generator=g, dtype=DT), torch.randint(0, 6, (N,), generator=g)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        grads = {name: (e["module"].weight.grad.reshape(e["module"].weight.shape[0], -1).clone(),
-                        e["module"].bias.grad.clone()) for name, e in rec.seen.items()}
+        # Mat(g) by brute force, sum_{i,t} dL/dy a^T (the b-variants' Alg. 8 layers form no .grad)
+        grads = {name: sum(torch.outer(gc, a) for a, gc in zip(*columns(e)[:2])) / N for name, e in rec.seen.items()}
         before = {name: (e["module"].weight.detach().clone(), e["module"].bias.detach().clone())
                   for name, e in rec.seen.items()}
         for layer, entry in rec.seen.items():
@@ -159,7 +159,7 @@ def test_k_factors_equal_brute_force(config):
         A, G = facs[(layer, "A")], facs[(layer, "G")]
         if A.U is None:
             continue
-        J = torch.cat([grads[layer][0], grads[layer][1][:, None]], dim=1)
+        J = grads[layer]
         S = torch.linalg.solve(G.damped(), J) @ torch.linalg.inv(A.damped())
         W, b = rec.seen[layer]["module"].weight.detach(), rec.seen[layer]["module"].bias.detach()
         step = torch.cat([(before[layer][0] - W).reshape(W.shape[0], -1), (before[layer][1] - b)[:, None]], dim=1)

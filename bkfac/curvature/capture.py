@@ -42,6 +42,15 @@ divided by the scale given to :meth:`KFactorCapture.set_loss_scale` (until :meth
 Methods that only need ``A_k A_k^T`` and ``G_k G_k^T`` get them from
 :meth:`LayerCapture.batch_outer_A` / :meth:`LayerCapture.batch_outer_G` without forming the
 batch matrices.
+
+Algorithm 8, line 2 ("modify the back-prop to return ``G_k``, ``A_k`` rather than
+``Mat(g_k)``): :meth:`KFactorCapture.defer_weight_grad` makes a layer's training backward skip
+its weight gradient (the weight does not require grad while the layer's own forward runs, so
+autograd computes the input and bias gradients only; the flag is back on as soon as that
+forward returns or raises). Each such call's input and output gradients are kept until
+:meth:`LayerCapture.clear`; when the step cannot use Alg. 8 after all (the layer ran twice, as
+in gradient accumulation or weight sharing), :meth:`LayerCapture.form_weight_grad` adds
+``sum_{i,t} dL/dy_{i,t} x_{i,t}^T`` of every call to ``weight.grad``, as autograd would have.
 """
 
 from __future__ import annotations
@@ -138,6 +147,12 @@ class LayerCapture:
     loss_scale: float = 1.0
     #: host memory for the patch matrices, shared with the other layers of the capture
     scratch: Scratch = field(default_factory=Scratch)
+    #: Alg. 8 line 2 (:meth:`KFactorCapture.defer_weight_grad`): training backwards leave the
+    #: weight gradient unformed; ``deferred`` holds ``[input, [output gradients]]`` per such call
+    defers_weight_grad: bool = False
+    deferred: list = field(default_factory=list)
+    _frozen: bool = False  # the weight's requires_grad is off for the running forward
+    _defer_handles: list = field(default_factory=list)
 
     @property
     def params(self) -> list[Tensor]:
@@ -152,6 +167,24 @@ class LayerCapture:
         self.forward_calls = 0
         self.backward_calls = 0
         self.loss_scale = 1.0
+        self.deferred.clear()
+
+    def form_weight_grad(self) -> None:
+        """Add to ``weight.grad`` what the deferred calls' backwards left out (Alg. 8 line 2,
+        module docstring): ``sum_{i,t} dL/dy_{i,t} x_{i,t}^T`` per call and per backward through
+        it, in the recorded dtype and then the weight's, accumulated as autograd accumulates
+        (``weight.grad`` is created when it is ``None``). The deferred calls are then dropped."""
+        W = self.module.weight
+        for x, grads in self.deferred:
+            for g in grads:
+                cols_g = (g.reshape(-1, g.shape[-1]).mT if self.kind == "linear"
+                          else g.transpose(0, 1).reshape(g.shape[1], -1))  # d_G x N
+                dW = torch.mm(cols_g, self._input_cols(x.to(g.dtype)).mT).reshape(W.shape).to(W.dtype)
+                if W.grad is None:
+                    W.grad = dW
+                else:
+                    W.grad.add_(dW)
+        self.deferred.clear()
 
     # -- batch matrices -------------------------------------------------------------------
     def _inputs(self, dtype=None) -> Tensor:
@@ -391,18 +424,54 @@ class KFactorCapture:
 
     def _forward_hook(self, lc: LayerCapture):
         def hook(module, inputs, output):
-            if not (module.training and torch.is_grad_enabled()):
+            # ``module is not lc.module``: a deep copy of the model carries this hook along
+            if module is not lc.module or not (module.training and torch.is_grad_enabled()):
                 return
             lc.inputs = inputs[0].detach()
             lc.forward_calls += 1
+            entry = None
+            if lc._frozen:  # this call's backward leaves the weight gradient to Alg. 8
+                entry = [lc.inputs, []]
+                lc.deferred.append(entry)
             if output.requires_grad:
                 def grad_hook(g):
                     if self._record_grads:
                         lc.grad_outputs = g.detach()
                         lc.backward_calls += 1
+                        if entry is not None:
+                            entry[1].append(lc.grad_outputs)
                 output.register_hook(grad_hook)
 
         return hook
+
+    def defer_weight_grad(self, lc: LayerCapture, on: bool = True) -> None:
+        """Algorithm 8 line 2 for layer ``lc`` (module docstring): with ``on``, its training
+        forwards (training mode, gradients enabled, the input or the bias requiring grad) run
+        with the weight's ``requires_grad`` off, so the backward forms no weight gradient; the
+        calls are kept in ``lc.deferred``. ``on=False`` goes back to PyTorch's backward."""
+        lc.defers_weight_grad = bool(on)
+        if not on or lc._defer_handles:
+            return
+
+        def freeze(module, inputs):
+            if module is not lc.module or not (lc.defers_weight_grad and module.training and torch.is_grad_enabled()):
+                return
+            W, b = module.weight, module.bias
+            x = inputs[0] if inputs else None
+            feeds_grad = (isinstance(x, Tensor) and x.requires_grad) or (b is not None and b.requires_grad)
+            if W.requires_grad and feeds_grad:
+                W.requires_grad_(False)
+                lc._frozen = True
+
+        def thaw(module, inputs, output):
+            if module is lc.module and lc._frozen:
+                module.weight.requires_grad_(True)
+                lc._frozen = False
+
+        pre = lc.module.register_forward_pre_hook(freeze)
+        post = lc.module.register_forward_hook(thaw, always_call=True)  # after the recording hook
+        lc._defer_handles = [pre, post]
+        lc.handles.extend(lc._defer_handles)
 
     def clear(self) -> None:
         for lc in self.layers:
@@ -423,6 +492,8 @@ class KFactorCapture:
             for h in lc.handles:
                 h.remove()
             lc.handles.clear()
+            lc._defer_handles = []
+            lc.defers_weight_grad = False
             lc.clear()
         self.scratch.release()
 

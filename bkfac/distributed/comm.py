@@ -127,6 +127,7 @@ def hyperparameters(optimizer) -> dict:
         "loss_reduction": opt.capture.reduction,
         "spectrum_continuation": opt.continuation,
         "linear_time": opt.linear_time,
+        "alg8_backward": opt.alg8_backward,
         "policy": opt.policy,
         "min_damping": opt.min_damping,
         "seed": opt.seed,

@@ -31,7 +31,10 @@ One step ``k`` (``optimizer.step()`` after ``loss.backward()``), phases timed by
    spectrum continuation (Sec. 3.5) when enabled. For layers whose A-factor is on the
    B-update path the step is built with Algorithm 8 from ``A_k`` and ``G_k`` when that is
    exact (empirical Fisher, one forward/backward since the last step: then
-   ``Mat(g) = scale * G_k A_k^T``); otherwise with Alg. 1 lines 16-17;
+   ``Mat(g) = scale * G_k A_k^T``); otherwise with Alg. 1 lines 16-17. Such a layer's
+   backward does not form its weight gradient at all (Alg. 8 line 2, ``alg8_backward``:
+   :meth:`~bkfac.curvature.capture.KFactorCapture.defer_weight_grad`), which saves the
+   ``d_G x d_A x n_M`` product the step would otherwise pay twice;
 4. **rest** -- clipping (the paper's per-layer RMS clip ``nu = min(1, clip / rms(S))``,
    or KL clipping ``nu = min(1, sqrt(kl_clip / (lr^2 sum S . g)))``), weight decay
    added after preconditioning, optional momentum, the update ``p -= lr * d_p``.
@@ -243,6 +246,7 @@ FAMILY_CHECKS = {
     "loss_reduction": lambda n, v: check_choice(n, v, ("mean", "sum")),
     "spectrum_continuation": check_bool,
     "linear_time": check_bool,
+    "alg8_backward": check_bool,
     "policy": lambda n, v: check_choice(n, v, POLICIES),
     "factor_init": lambda n, v: check_choice(n, v, ("batch", "identity")),
     "min_damping": lambda n, v: check_number(n, v, low_open=True),
@@ -509,6 +513,15 @@ class KFACFamily(torch.optim.Optimizer):
     loss_reduction: ``'mean'`` (default) or ``'sum'`` over the batch.
     spectrum_continuation: Sec. 3.5 (default on; not used by k-fac, where it is the identity).
     linear_time: use Alg. 8 where exact (b-variants).
+    alg8_backward: Alg. 8 line 2 as well (default on): the training backward of a layer
+        preconditioned with Alg. 8 returns ``G_k`` and ``A_k`` and does not form ``Mat(g_k)``,
+        so that layer's ``weight.grad`` is not computed (``None`` after
+        ``zero_grad(set_to_none=True)``; the bias gradient is). Where a step cannot use Alg. 8
+        after all (the layer ran more than once: gradient accumulation, weight sharing) the
+        weight gradient is formed from the recorded calls at :meth:`step`, as autograd would
+        have. Off with the Monte-Carlo Fisher and for a ``DistributedDataParallel`` model
+        (which waits for every gradient). ``False``: PyTorch's backward, ``weight.grad`` as
+        usual (e.g. to log its norm).
     policy: which factors take B-updates (b-variants): ``'mixed'`` (default, ``d > n_M + r``),
         ``'first-fc'`` (the paper's: the first Linear layer only) or ``'all'`` (``d > r``, for
         studies); see the module docstring.
@@ -561,6 +574,7 @@ class KFACFamily(torch.optim.Optimizer):
         loss_reduction: str = "mean",
         spectrum_continuation: bool = True,
         linear_time: bool = True,
+        alg8_backward: bool = True,
         policy: str = "mixed",
         factor_init: str = "batch",
         min_damping: float = 1e-8,
@@ -595,6 +609,7 @@ class KFACFamily(torch.optim.Optimizer):
         self.fisher = fisher
         self.continuation = spectrum_continuation
         self.linear_time = linear_time
+        self.alg8_backward = alg8_backward
         self.policy = policy
         self.factor_init = factor_init
         self.min_damping = min_damping
@@ -740,8 +755,27 @@ class KFACFamily(torch.optim.Optimizer):
             L.n_M = n_M
             L.inv_A = self._make_inverse(self._plan(lc.d_A, n_M, i == first_fc)[0], lc.d_A, i, "A")
             L.inv_G = self._make_inverse(self._plan(lc.d_G, n_M, i == first_fc)[0], lc.d_G, i, "G")
-            L.linear_time = self.linear_time and isinstance(L.inv_A, BrandInverse)
+            self._set_linear_time(L)
         self._initialized = True
+
+    def _set_linear_time(self, L: _Layer) -> None:
+        """Alg. 8 for layer ``L`` where its A-factor is B-updated, with line 2 (no weight
+        gradient in the backward) where ``alg8_backward`` allows it (class docstring)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        L.linear_time = self.linear_time and isinstance(L.inv_A, BrandInverse)
+        defer = (L.linear_time and self.alg8_backward and self.fisher == "empirical"
+                 and not isinstance(self.model, DistributedDataParallel))
+        if defer or L.capture.defers_weight_grad:
+            self.capture.defer_weight_grad(L.capture, defer)
+
+    def _uses_alg8(self, L: _Layer) -> bool:
+        """Whether this step preconditions ``L`` with Alg. 8: exact only when the gradient is
+        ``scale * G_k A_k^T`` of the recorded batch (empirical Fisher, one forward and one
+        backward through the layer)."""
+        lc = L.capture
+        return (L.linear_time and self.fisher == "empirical"
+                and lc.forward_calls == 1 and lc.backward_calls == 1)
 
     # -- what each factor uses, before or after the first step ---------------------------------------
     def _positions(self, input_shape) -> list[float]:
@@ -1011,6 +1045,9 @@ class KFACFamily(torch.optim.Optimizer):
             if self.fisher == "mc":
                 self.capture.resume_recording()
             return loss
+        for L in self.layers:  # Alg. 8 line 2 deferred a weight gradient this step needs after all
+            if L.capture.deferred and not self._uses_alg8(L):
+                L.capture.form_weight_grad()
         if loss_scale is not None:
             unscale_gradients(self.param_groups, loss_scale)
             if self.fisher == "empirical":  # the Monte-Carlo backward was not scaled
@@ -1038,11 +1075,10 @@ class KFACFamily(torch.optim.Optimizer):
             batches = {}
             for L in self.layers:
                 lc = L.capture
-                if lc.module.weight.grad is None or L.inv_A is None:
-                    continue
+                use_alg8 = self._uses_alg8(L)
+                if L.inv_A is None or (lc.module.weight.grad is None and not (use_alg8 and lc.deferred)):
+                    continue  # no gradient reached the layer this step
                 dtype = self.factor_dtype or lc.module.weight.dtype
-                use_alg8 = (L.linear_time and self.fisher == "empirical"
-                            and lc.forward_calls == 1 and lc.backward_calls == 1)
                 A = G = None
                 # factors that only need M_k M_k^T get it without M_k (one process: the columns of
                 # the other ranks' batches are not here)
@@ -1079,6 +1115,7 @@ class KFACFamily(torch.optim.Optimizer):
                             inv.refresh(k)
                         invs[key] = inv
             self.comm.sync_representations(invs)
+        inner: dict[int, Tensor] = {}  # <S, Mat(g)> of the Alg. 8 layers, for KL clipping
         with timer.phase("precondition"):
             for L in self.layers:
                 if id(L) not in batches:
@@ -1093,6 +1130,9 @@ class KFACFamily(torch.optim.Optimizer):
                     G_hat = damped_inverse_apply(UG, dG, lamG, G, side="left", check=False)
                     A_hat = damped_inverse_apply(UA, dA, lamA, A, side="left", check=False)
                     S = self._alg8_step(L, G_hat.mul_(scale), A_hat)
+                    if self.clip_mode == "kl":
+                        # <G_hat A_hat^T, scale G A^T> from two n x n products: Mat(g) is not formed
+                        inner[id(L)] = scale * ((G_hat.mT @ G) * (A_hat.mT @ A)).sum()
                 else:
                     # Alg. 1 lines 16-17; a full-rank method applies its own dense route where it
                     # pays off (k-fac: one GEMM a side with a cached inverse), else (U, d) is applied
@@ -1101,7 +1141,7 @@ class KFACFamily(torch.optim.Optimizer):
                     S = self._apply_inverse(L.inv_G, S, "left", phi)
                 updates[id(L)] = S
         with timer.phase("rest"):
-            self._apply(updates, self._clip(updates))
+            self._apply(updates, self._clip(updates, inner))
             for L in self.layers:
                 for inv in (L.inv_A, L.inv_G):
                     if inv is not None:
@@ -1131,11 +1171,14 @@ class KFACFamily(torch.optim.Optimizer):
         S_b = torch.mv(G_hat, A_hat[D], out=buf[d_G * D:])
         return S_W, S_b
 
-    def _clip(self, updates: dict[int, Tensor | tuple[Tensor, Tensor]]) -> dict[int, Tensor]:
+    def _clip(self, updates: dict[int, Tensor | tuple[Tensor, Tensor]],
+              inner: dict[int, Tensor] | None = None) -> dict[int, Tensor]:
         """Each layer's clip factor ``nu`` (a 0-dim tensor: no host sync), by layer key of
         ``updates`` (the step in matrix form ``S``, or ``(S_W, S_b)`` from :meth:`_alg8_step`);
         empty without clipping. :meth:`_apply` scales the step by it as it updates the weights,
-        so the step is not rewritten for the clip alone."""
+        so the step is not rewritten for the clip alone. KL clipping takes ``<S, Mat(g)>`` of
+        a layer from ``inner`` where given (Alg. 8 layers, whose gradient may not be formed),
+        else from the layer's gradient."""
         if self.clip_mode is None or not updates:
             return {}
         if self.clip_mode == "rms":
@@ -1153,11 +1196,8 @@ class KFACFamily(torch.optim.Optimizer):
             if id(L) in updates:
                 lr = self._group_of[id(L.capture.module.weight)]["lr"]
                 S = updates[id(L)]
-                if isinstance(S, tuple):
-                    W, b = L.capture.module.weight, L.capture.module.bias
-                    sg = (S[0] * W.grad.reshape(S[0].shape).to(S[0].dtype)).sum()
-                    if b.grad is not None:
-                        sg = sg + (S[1] * b.grad.to(S[1].dtype)).sum()
+                if inner and id(L) in inner:
+                    sg = inner[id(L)]
                 else:
                     sg = (S * L.capture.grad_matrix().to(S.dtype)).sum()
                 vg = vg + sg * lr**2
@@ -1313,7 +1353,7 @@ class KFACFamily(torch.optim.Optimizer):
                 if gen is not None:
                     inv.generator.set_state(gen)
                 setattr(L, f"inv_{fac}", inv)
-            L.linear_time = self.linear_time and isinstance(L.inv_A, BrandInverse)
+            self._set_linear_time(L)
         self._initialized = kfac["initialized"]
         for L in self.layers:
             for inv in (L.inv_A, L.inv_G):
@@ -1326,6 +1366,7 @@ _FAMILY_DEFAULTS = signature_defaults(KFACFamily.__init__)
 _NO_BRAND = {
     "policy": "the B-update policy is the b-variants' (b-kfac, b-r-kfac, b-kfac-c)",
     "linear_time": "Algorithm 8 applies to B-updated factors (b-kfac, b-r-kfac, b-kfac-c)",
+    "alg8_backward": "Algorithm 8 applies to B-updated factors (b-kfac, b-r-kfac, b-kfac-c)",
 }
 
 
