@@ -159,6 +159,38 @@ def test_bench_step_quick(tmp_path, capsys):
     assert "b-kfac t_epoch / sgd t_epoch" in out and "synthetic" in out and "load average" in out
 
 
+# -- bench ab ------------------------------------------------------------------------------------------
+def test_bench_ab_quick_builds_the_variant_it_names(tmp_path, capsys, monkeypatch):
+    """``bench ab --set alg8_backward=false``: A is b-kfac as the profile has it, B the same with
+    PyTorch's backward; both timed, the ratio is B's epoch over A's, its spread brackets it, and
+    B's optimizer really was built with the setting (A's with the default)."""
+    from bkfac.bench import ab as ab_mod
+
+    built = []
+    real = step_mod._make_bench
+    monkeypatch.setattr(step_mod, "_make_bench", lambda name, *a, **k: built.append(real(name, *a, **k)) or built[-1])
+    rc = main(["bench", "ab", "--quick", "--repeats", "2", "--set", "alg8_backward=false", "--out", str(tmp_path)])
+    assert rc == 0
+    cols, rows = _read(tmp_path / "ab.csv")
+    assert cols == ab_mod.COLUMNS and [r["variant"] for r in rows] == ["A", "B"]
+    assert rows[0]["settings"] == "as the profile" and rows[1]["settings"] == "alg8_backward=False"
+    assert float(rows[0]["ratio_to_a"]) == 1.0
+    assert math.isclose(float(rows[1]["ratio_to_a"]), float(rows[1]["epoch_s"]) / float(rows[0]["epoch_s"]))
+    assert float(rows[1]["ratio_to_a_min"]) <= float(rows[1]["ratio_to_a_max"])
+    assert [b.opt.alg8_backward for b in built] == [True, False]
+    assert "alg8_backward=False" in capsys.readouterr().out
+
+
+def test_bench_ab_refuses_bad_settings(tmp_path, capsys):
+    assert main(["bench", "ab", "--quick", "--out", str(tmp_path)]) == 2
+    assert "at least one --set" in capsys.readouterr().err
+    assert main(["bench", "ab", "--quick", "--set", "alg8_backward", "--out", str(tmp_path)]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert main(["bench", "ab", "--quick", "--optimizer", "k-fac", "--set", "t_brand=2", "--out", str(tmp_path)]) == 2
+    assert "t_brand" in capsys.readouterr().err
+    assert not (tmp_path / "ab.csv").exists()
+
+
 # -- bench peer ----------------------------------------------------------------------------------------
 def test_bench_peer_quick_or_message(tmp_path, capsys):
     """With ASDL installed: the quick comparison runs and the factors agree (float64); without

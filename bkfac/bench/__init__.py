@@ -1,4 +1,4 @@
-"""Benchmarks: ``bkfac bench {linalg,apply,step,peer,distributed,all}``.
+"""Benchmarks: ``bkfac bench {linalg,apply,step,ab,peer,distributed,all}``.
 
 Each part lives in its own module with a ``main(args) -> int`` entry point, registered in
 :data:`PARTS` as ``"module:function"`` and imported only when that part runs. A part whose
@@ -12,6 +12,7 @@ linalg     B-update (Alg. 3, 4) against RSVD, SREVD (Alg. 1 l.13) and eigh acros
 apply      Alg. 8 against the standard low-rank and the dense inverse application
            for FC0's shapes (DESIGN's 5x target)
 step       per-step time breakdown of every optimizer
+ab         one optimizer against itself with hyper-parameters changed (``--set``)
 peer       comparison against peer implementations
 distributed  data-parallel statistics and inverse-work sharding
 =========  =====================================================================
@@ -33,6 +34,7 @@ PARTS: dict[str, str] = {
     "linalg": "bkfac.bench.linalg:main",
     "apply": "bkfac.bench.apply:main",
     "step": "bkfac.bench.step:main",
+    "ab": "bkfac.bench.ab:main",
     "peer": "bkfac.bench.peer:main",
     "distributed": "bkfac.bench.distributed:main",
 }
@@ -82,6 +84,10 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default=None,
                         help="run profile whose model/hyper-parameters the step and peer parts use "
                         "(their default: cpu; smoke with --quick; paper on CUDA)")
+    parser.add_argument("--optimizer", default=None,
+                        help="ab: the run (or optimizer) of the profile to compare with itself (default b-kfac)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="ab: a hyper-parameter of variant B (repeatable; YAML values: false, 25, 0.1)")
 
 
 def _resolve(part: str):
@@ -94,7 +100,8 @@ def _resolve(part: str):
 
 def run_bench(args: argparse.Namespace) -> int:
     """Run one part (or every part, in order, for ``all``); return the worst exit status."""
-    parts = list(PARTS) if args.part == "all" else [args.part]
+    # ``ab`` compares settings given on the command line: not part of ``all``
+    parts = [p for p in PARTS if p != "ab"] if args.part == "all" else [args.part]
     status = 0
     for part in parts:
         entry = _resolve(part)
