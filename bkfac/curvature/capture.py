@@ -169,13 +169,19 @@ class LayerCapture:
         self.loss_scale = 1.0
         self.deferred.clear()
 
-    def form_weight_grad(self) -> None:
+    def form_weight_grad(self, done_only: bool = False) -> None:
         """Add to ``weight.grad`` what the deferred calls' backwards left out (Alg. 8 line 2,
         module docstring): ``sum_{i,t} dL/dy_{i,t} x_{i,t}^T`` per call and per backward through
         it, in the recorded dtype and then the weight's, accumulated as autograd accumulates
-        (``weight.grad`` is created when it is ``None``). The deferred calls are then dropped."""
+        (``weight.grad`` is created when it is ``None``). The deferred calls are then dropped;
+        with ``done_only`` only those whose backward has run."""
         W = self.module.weight
-        for x, grads in self.deferred:
+        keep = []
+        for entry in self.deferred:
+            x, grads = entry
+            if done_only and not grads:
+                keep.append(entry)
+                continue
             for g in grads:
                 cols_g = (g.reshape(-1, g.shape[-1]).mT if self.kind == "linear"
                           else g.transpose(0, 1).reshape(g.shape[1], -1))  # d_G x N
@@ -184,7 +190,14 @@ class LayerCapture:
                     W.grad = dW
                 else:
                     W.grad.add_(dW)
-        self.deferred.clear()
+        self.deferred[:] = keep
+
+    def drop_deferred_grads(self) -> None:
+        """Forget the output gradients the deferred calls have received: what ``zero_grad``
+        discards (their weight gradients were never formed). Calls whose backward is still to
+        come keep their place."""
+        for _, grads in self.deferred:
+            grads.clear()
 
     # -- batch matrices -------------------------------------------------------------------
     def _inputs(self, dtype=None) -> Tensor:
@@ -431,6 +444,9 @@ class KFactorCapture:
             lc.forward_calls += 1
             entry = None
             if lc._frozen:  # this call's backward leaves the weight gradient to Alg. 8
+                # another call since the last step (gradient accumulation): Alg. 8 cannot take
+                # this step, so the earlier calls' gradients are formed now (memory stays bounded)
+                lc.form_weight_grad(done_only=True)
                 entry = [lc.inputs, []]
                 lc.deferred.append(entry)
             if output.requires_grad:

@@ -518,8 +518,9 @@ class KFACFamily(torch.optim.Optimizer):
         so that layer's ``weight.grad`` is not computed (``None`` after
         ``zero_grad(set_to_none=True)``; the bias gradient is). Where a step cannot use Alg. 8
         after all (the layer ran more than once: gradient accumulation, weight sharing) the
-        weight gradient is formed from the recorded calls at :meth:`step`, as autograd would
-        have. Off with the Monte-Carlo Fisher and for a ``DistributedDataParallel`` model
+        weight gradient is formed from the recorded calls, as autograd would have; discard a
+        gradient before the step with this optimizer's :meth:`zero_grad` (``model.zero_grad()``
+        cannot reach a deferred one). Off with the Monte-Carlo Fisher and for a ``DistributedDataParallel`` model
         (which waits for every gradient). ``False``: PyTorch's backward, ``weight.grad`` as
         usual (e.g. to log its norm).
     policy: which factors take B-updates (b-variants): ``'mixed'`` (default, ``d > n_M + r``),
@@ -768,6 +769,14 @@ class KFACFamily(torch.optim.Optimizer):
                  and not isinstance(self.model, DistributedDataParallel))
         if defer or L.capture.defers_weight_grad:
             self.capture.defer_weight_grad(L.capture, defer)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``; the weight gradients Alg. 8 line 2 deferred are
+        dropped with the others (``model.zero_grad()`` cannot reach them: use this one when a
+        gradient is discarded between a backward and the step)."""
+        super().zero_grad(set_to_none)
+        for L in self.layers:
+            L.capture.drop_deferred_grads()
 
     def _uses_alg8(self, L: _Layer) -> bool:
         """Whether this step preconditions ``L`` with Alg. 8: exact only when the gradient is
