@@ -520,9 +520,9 @@ class KFACFamily(torch.optim.Optimizer):
         after all (the layer ran more than once: gradient accumulation, weight sharing) the
         weight gradient is formed from the recorded calls, as autograd would have; discard a
         gradient before the step with this optimizer's :meth:`zero_grad` (``model.zero_grad()``
-        cannot reach a deferred one). Off with the Monte-Carlo Fisher and for a ``DistributedDataParallel`` model
-        (which waits for every gradient). ``False``: PyTorch's backward, ``weight.grad`` as
-        usual (e.g. to log its norm).
+        cannot reach a deferred one). Off with the Monte-Carlo Fisher and for a
+        ``DistributedDataParallel`` model (which waits for every gradient). ``False``:
+        PyTorch's backward, ``weight.grad`` as usual (e.g. to log its norm).
     policy: which factors take B-updates (b-variants): ``'mixed'`` (default, ``d > n_M + r``),
         ``'first-fc'`` (the paper's: the first Linear layer only) or ``'all'`` (``d > r``, for
         studies); see the module docstring.
