@@ -110,7 +110,7 @@ cuda-check:
 	$(CUDA_PY) -m pytest -q -p no:cacheprovider --timeout=300 $(CUDA_TESTS) 2>&1 | tee $(CUDA_OUT)/tests.log
 	-$(CUDA_PY) -m bkfac.bench.cuda_check --device $(CUDA_DEVICE) --steps 0 --out $(CUDA_OUT)
 	$(CUDA_PY) -m bkfac bench step --profile $(CUDA_PROFILE) --device $(CUDA_DEVICE) --repeats 3 --max-seconds 30 \
-	  --out $(CUDA_OUT) 2>&1 | tee $(CUDA_OUT)/step.log
+	  --out $(CUDA_OUT)
 	$(CUDA_PY) -m bkfac train --profile $(CUDA_PROFILE) --device $(CUDA_DEVICE) --optimizer all --epochs 1 \
 	  --synthetic-data --quiet --out $(CUDA_OUT)/runs 2>&1 | tee $(CUDA_OUT)/epochs.log
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
 
 from bkfac import make_optimizer
 from bkfac.bench import peer as peer_mod
@@ -154,9 +155,18 @@ def test_bench_step_quick(tmp_path, capsys):
     tcols, targets = _read(tmp_path / "step_targets.csv")
     assert tcols == step_mod.TARGET_COLUMNS and len(targets) == 4
     assert all(t["verdict"] in ("PASS", "FAIL") for t in targets)
+    # DESIGN's second rung on CPU; each verdict is the comparison of the value with it
+    assert [t["threshold"] for t in targets] == ["<= 1.15", "<= 1.15", "<= 0.45", "<= 0.45"]
+    assert all((t["verdict"] == "PASS") == (float(t["value"]) <= float(t["threshold"][3:])) for t in targets)
     assert (tmp_path / "step.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "b-kfac t_epoch / sgd t_epoch" in out and "synthetic" in out and "load average" in out
+    # the log is what the part printed (all of it, and only it: the line naming the log is not in it)
+    log = (tmp_path / "step.log").read_text()
+    assert log.startswith("bkfac bench step") and log in out and "load average after the run" in log
+    assert "step.log" not in log and "step.log" in out.split(log, 1)[1]
+    # the profile measured (the chapters look a stored bench up by its name and model)
+    assert yaml.safe_load((tmp_path / "profile.yaml").read_text()) == load_profile("smoke").raw
 
 
 # -- bench ab ------------------------------------------------------------------------------------------

@@ -17,7 +17,9 @@ peer       comparison against peer implementations
 distributed  data-parallel statistics and inverse-work sharding
 =========  =====================================================================
 
-Speed is reported, never asserted by tests; targets are printed as PASS/FAIL.
+Speed is reported, never asserted by tests; targets are printed as PASS/FAIL. Each part that
+ends with exit status 0 also writes what it printed to ``<--out>/<part>.log`` (``step.log``,
+``linalg.log``, ...): its tables, the machine and the load average.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ import argparse
 import importlib
 import importlib.util
 import sys
+from pathlib import Path
+
+from ..book import display_path
+from .common import TeeStdout, write_text_atomic
 
 __all__ = ["PARTS", "add_bench_args", "run_bench", "parse_dims"]
 
@@ -112,5 +118,10 @@ def run_bench(args: argparse.Namespace) -> int:
             continue
         if len(parts) > 1:
             print(f"\n=== bkfac bench {part} ===")
-        status = max(status, int(entry(args) or 0))
+        with TeeStdout() as tee:
+            code = int(entry(args) or 0)
+        status = max(status, code)
+        if code == 0 and getattr(args, "out", None):
+            # what the part printed (its tables, the machine and the load) beside its CSV files
+            print(f"wrote {display_path(write_text_atomic(Path(args.out) / f'{part}.log', tee.text()))}")
     return status

@@ -10,10 +10,12 @@ by side in one process); no test asserts a timing.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -249,6 +251,49 @@ def write_csv_atomic(path: str | os.PathLike, rows: Sequence[dict], columns: Seq
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (temporary file in the same directory, then
+    ``os.replace``)."""
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+class TeeStdout(io.TextIOBase):
+    """``with TeeStdout() as tee:`` -- everything printed to ``sys.stdout`` inside the block
+    still reaches it, and is also kept in ``tee.text()`` (a benchmark's log, written next to
+    its tables)."""
+
+    def __init__(self) -> None:
+        self._buf = io.StringIO()
+        self._out = None
+
+    def write(self, s: str) -> int:
+        self._buf.write(s)
+        return self._out.write(s) if self._out is not None else len(s)
+
+    def flush(self) -> None:
+        if self._out is not None:
+            self._out.flush()
+
+    def text(self) -> str:
+        return self._buf.getvalue()
+
+    def __enter__(self) -> "TeeStdout":
+        self._out, sys.stdout = sys.stdout, self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.stdout = self._out
+        self._out = None
 
 
 def _csv_value(v):
