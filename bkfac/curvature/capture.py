@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..linalg.lowrank import gram
+from .patches import conv_patch_gram
 
 __all__ = ["KFactorCapture", "LayerCapture", "supported_reason"]
 
@@ -97,9 +98,10 @@ def supported_reason(module: nn.Module) -> str | None:
 
 
 class Scratch:
-    """One reusable block of host memory for the conv statistics' patch matrices, shared by
-    the layers of a :class:`KFactorCapture` (each layer's patches are consumed by its Gram
-    product before the next layer's are made).
+    """One reusable block of host memory for the conv statistics' patch matrices (or, for
+    stride 1, their shifted input, :func:`~bkfac.curvature.patches.conv_patch_gram`), shared by
+    the layers of a :class:`KFactorCapture` (each layer's block is consumed by its Gram
+    product before the next layer's is made).
 
     Why: a patch matrix is large (75 MB for a 3x3 conv over 256 images of 16 x 16 x 32), and
     glibc serves allocations above its mmap threshold (at most 32 MB) with fresh pages, whose
@@ -339,13 +341,19 @@ class LayerCapture:
         return A, G, self.grad_scale(reduction)
 
     def batch_outer_A(self, dtype=None) -> Tensor:
-        """``A_k A_k^T`` (d_A x d_A) without forming ``A_k``: one copy of the patches, one GEMM,
-        the bias row and column from the column sums (the one-copy statistics of commit 4d7939d).
-        A conv input stored channels_last is copied as rows of ``(kh, kw, C_in)`` patches
-        (:meth:`_patch_rows_nhwc`) and the small result reordered."""
+        """``A_k A_k^T`` (d_A x d_A) without forming ``A_k``, the bias row and column from the
+        column sums. A stride-1 convolution on the CPU takes it from shifted products of its
+        input (:meth:`_shifted_patch_gram`); other layers copy the patches once and take one
+        GEMM (the one-copy statistics of commit 4d7939d), a conv input stored channels_last as
+        rows of ``(kh, kw, C_in)`` patches (:meth:`_patch_rows_nhwc`), the small result
+        reordered."""
         x = self._inputs(dtype)
-        rows = self._patch_rows_nhwc(x)
-        if rows is not None:  # channels_last: patches as rows, then the (C_in, kh, kw) order
+        shifted = self._shifted_patch_gram(x)
+        rows = None if shifted is not None else self._patch_rows_nhwc(x)
+        if shifted is not None:
+            XXt, s = shifted
+            D, N = XXt.shape[0], self._n_positions(x)
+        elif rows is not None:  # channels_last: patches as rows, then the (C_in, kh, kw) order
             Xr, perm = rows
             N, D = Xr.shape
             XXt = gram(Xr.mT)[perm][:, perm]
@@ -363,6 +371,20 @@ class LayerCapture:
         out[D, :D] = s
         out[D, D] = N
         return out.mul_(1.0 / N)
+
+    def _shifted_patch_gram(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(X X^T, X 1)`` of a stride-1, dilation-1 convolution's patches from shifted
+        products of its input (:func:`~bkfac.curvature.patches.conv_patch_gram`: about 4x
+        fewer flops than forming ``X``; 2.2x faster over the ``cpu`` model's 13 conv layers at
+        batch 256 on one core). CPU only: its 100-odd small products per layer would be
+        launch-bound on a GPU, where it is unmeasured, so CUDA keeps the one-GEMM route.
+        ``None`` where it does not apply."""
+        m = self.module
+        if (self.kind != "conv2d" or x.device.type != "cpu" or x.dim() != 4 or tuple(m.stride) != (1, 1)
+                or tuple(m.dilation) != (1, 1)):
+            return None
+        pad = _conv_padding(m)
+        return None if pad is None else conv_patch_gram(x, m.kernel_size, pad, self.scratch.empty)
 
     def batch_outer_G(self, reduction: str = "mean", dtype=None) -> Tensor:
         """``G_k G_k^T`` (d_G x d_G) without forming ``G_k`` (a conv's output gradient stored

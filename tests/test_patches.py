@@ -1,0 +1,76 @@
+"""The conv patch Gram matrix from shifted products (bkfac.curvature.patches) against the
+explicit patch matrix of ``F.unfold``, in float64, and the K-factor statistics that use it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bkfac.curvature.capture import KFactorCapture
+from bkfac.curvature.patches import conv_patch_gram
+
+
+def explicit(x, kernel_size, padding):
+    cols = F.unfold(x, kernel_size, padding=padding)  # n x d x L
+    X = cols.transpose(0, 1).reshape(cols.shape[1], -1)
+    return X @ X.mT, X.sum(1)
+
+
+CASES = [
+    # (n, C, H, W, kernel, padding)
+    (3, 4, 6, 5, (3, 3), (1, 1)),  # "same", the VGG layers
+    (2, 3, 7, 7, (3, 3), (0, 0)),  # "valid"
+    (2, 2, 8, 6, (5, 5), (2, 2)),
+    (2, 3, 6, 9, (3, 1), (1, 0)),  # non-square kernel
+    (2, 3, 5, 5, (1, 1), (0, 0)),  # 1 x 1: one shift
+    (2, 3, 6, 6, (5, 3), (1, 2)),  # padding neither same nor valid
+    (2, 3, 4, 4, (3, 3), (2, 2)),  # more padding than the kernel's reach: rows clipped
+    (2, 3, 6, 7, (2, 2), (0, 0)),  # even kernel
+    (1, 2, 3, 3, (3, 3), (1, 1)),  # every pixel on an edge
+    (2, 5, 1, 8, (1, 3), (0, 1)),  # one row
+]
+
+
+@pytest.mark.parametrize("n,C,H,W,k,p", CASES)
+def test_patch_gram_is_the_explicit_one(n, C, H, W, k, p):
+    torch.manual_seed(n * 100 + H * 10 + W)
+    x = torch.randn(n, C, H, W, dtype=torch.float64)
+    for xs in (x, x.to(memory_format=torch.channels_last)):
+        XXt, s = conv_patch_gram(xs, k, p)
+        ref_XXt, ref_s = explicit(x, k, p)
+        assert XXt.shape == ref_XXt.shape
+        torch.testing.assert_close(XXt, ref_XXt, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(s, ref_s, rtol=1e-12, atol=1e-12)
+
+
+def test_patch_gram_declines_what_it_cannot_do():
+    x = torch.randn(2, 3, 2, 2, dtype=torch.float64)
+    assert conv_patch_gram(x, (3, 3), (1, 1)) is None  # no column that every kernel offset takes
+    assert conv_patch_gram(x, (5, 5), (0, 0)) is None  # no output position
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("conv,shifted", [
+    (dict(kernel_size=3, padding=1), True), (dict(kernel_size=3, padding="same"), True),
+    (dict(kernel_size=(3, 5), padding=(0, 2)), True), (dict(kernel_size=2, padding="valid"), True),
+    (dict(kernel_size=3, stride=2, padding=1), False),  # stride 2: the patch copy
+    (dict(kernel_size=(3, 5), padding=(0, 1)), False),  # no image column every kernel column takes (W = 6)
+])
+def test_conv_statistics_match_the_patch_matrix(channels_last, bias, conv, shifted):
+    """``batch_outer_A`` of a conv layer (the shifted route where it applies, the copy
+    otherwise) is ``A_k A_k^T`` of the explicitly formed ``A_k`` (``batch_A``)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, bias=bias, **conv)).double()
+    x = torch.randn(5, 3, 7, 6, dtype=torch.float64)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    cap = KFactorCapture(model)
+    lc = cap.layers[0]
+    model(x).sum().backward()
+    A = lc.batch_A()
+    torch.testing.assert_close(lc.batch_outer_A(), A @ A.mT, rtol=1e-12, atol=1e-12)
+    assert (lc._shifted_patch_gram(lc.inputs) is not None) == shifted
