@@ -41,7 +41,8 @@ takes a ``dtype`` to build it in. Output gradients of a loss scaled by a ``GradS
 divided by the scale given to :meth:`KFactorCapture.set_loss_scale` (until :meth:`clear`).
 Methods that only need ``A_k A_k^T`` and ``G_k G_k^T`` get them from
 :meth:`LayerCapture.batch_outer_A` / :meth:`LayerCapture.batch_outer_G` without forming the
-batch matrices.
+batch matrices (a stride-1 convolution on the CPU: ``A_k A_k^T`` from shifted products of its
+input, :mod:`bkfac.curvature.patches`).
 
 Algorithm 8, line 2 ("modify the back-prop to return ``G_k``, ``A_k`` rather than
 ``Mat(g_k)``): :meth:`KFactorCapture.defer_weight_grad` makes a layer's training backward skip
