@@ -30,6 +30,7 @@ CASES = [
     (2, 3, 6, 7, (2, 2), (0, 0)),  # even kernel
     (1, 2, 3, 3, (3, 3), (1, 1)),  # every pixel on an edge
     (2, 5, 1, 8, (1, 3), (0, 1)),  # one row
+    (2, 2, 1, 6, (5, 3), (2, 1)),  # kernel rows 0 and 4 never reach the one image row
 ]
 
 

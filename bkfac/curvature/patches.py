@@ -45,6 +45,12 @@ def _bands(ranges: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
     return [(cuts[t], cuts[t + 1]) for t in range(len(cuts) - 1)]
 
 
+def _clip(lo: int, hi: int, length: int) -> tuple[int, int]:
+    """``[lo, hi)`` intersected with ``[0, length)``; an empty result as ``(lo, lo)``."""
+    lo = min(length, max(0, lo))
+    return lo, max(lo, min(length, hi))
+
+
 def _inside(band: tuple[int, int], rng: tuple[int, int]) -> bool:
     return rng[0] <= band[0] and band[1] <= rng[1]
 
@@ -65,9 +71,9 @@ def conv_patch_gram(x: Tensor, kernel_size: tuple[int, int], padding: tuple[int,
     Ho, Wo = H + 2 * ph - kh + 1, W + 2 * pw - kw + 1
     if Ho < 1 or Wo < 1:
         return None
-    # the image rows / columns q may take for kernel row i / column j
-    rows = [(max(0, i - ph), min(H, i - ph + Ho)) for i in range(kh)]
-    cols = [(max(0, j - pw), min(W, j - pw + Wo)) for j in range(kw)]
+    # the image rows / columns q may take for kernel row i / column j (empty: (lo, lo))
+    rows = [_clip(i - ph, i - ph + Ho, H) for i in range(kh)]
+    cols = [_clip(j - pw, j - pw + Wo, W) for j in range(kw)]
     row_bands = _bands(rows, H)
     shared = (max(c[0] for c in cols), min(c[1] for c in cols))  # columns every offset takes
     if shared[1] <= shared[0]:
