@@ -22,7 +22,7 @@ COMMANDS = {
     "reproduce": ("bkfac.book", "add_reproduce_args", "run_reproduce",
                   "execute every chapter with papermill for a profile (figures/, tables/)"),
     "bench": ("bkfac.bench", "add_bench_args", "run_bench",
-              "benchmarks: linalg, apply, step, ab, peer, distributed, all"),
+              "benchmarks: linalg, apply, step, ab, stats, peer, distributed, all"),
     "data": ("bkfac.experiments.fetch", "add_data_args", "run_data",
              "the CIFAR-10 data: fetch (download it with torchvision where it is not found)"),
     "results": ("bkfac.experiments.manifest", "add_results_args", "run_results",

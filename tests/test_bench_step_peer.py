@@ -20,6 +20,7 @@ from bkfac import make_optimizer
 from bkfac.bench import peer as peer_mod
 from bkfac.bench import step as step_mod
 from bkfac.cli import main
+from bkfac.experiments.models import build_model
 from bkfac.experiments.profiles import load_profile
 
 
@@ -284,3 +285,24 @@ def test_compare_factors_detects_a_wrong_factor(tmp_path):
     bad = [(r["layer"], r["factor"]) for r in peer_mod.compare_factors(opt, peer) if r["max_rel_diff"] > 1e-3]
     assert bad == [("3", "A")]
     opt.remove_hooks()
+
+
+# -- bench stats --quick ---------------------------------------------------------------------------
+def test_bench_stats_quick_times_both_routes_of_every_conv_layer(tmp_path):
+    """``bench stats``: a row per conv layer of the smoke model and a total, both routes timed,
+    the ratio their medians', and the two results equal in float64."""
+    from bkfac.bench import stats as stats_mod
+
+    rc = main(["bench", "stats", "--quick", "--repeats", "2", "--dtype", "float64", "--out", str(tmp_path)])
+    assert rc == 0
+    cols, rows = _read(tmp_path / "stats.csv")
+    assert cols == stats_mod.COLUMNS
+    convs = [n for n, m in build_model(load_profile("smoke").model).named_modules() if isinstance(m, nn.Conv2d)]
+    assert [r["layer"] for r in rows] == convs + ["total"]
+    for r in rows:
+        assert float(r["patches_s"]) > 0 and float(r["shifted_s"]) > 0
+        assert math.isclose(float(r["ratio"]), float(r["patches_s"]) / float(r["shifted_s"]), rel_tol=1e-9)
+        assert float(r["ratio_min"]) <= float(r["ratio_max"])
+        assert float(r["max_rel_diff"]) < 1e-12
+    assert math.isclose(float(rows[-1]["patches_s"]), sum(float(r["patches_s"]) for r in rows[:-1]), rel_tol=1e-9)
+    assert (tmp_path / "stats.log").read_text().startswith("bkfac bench stats")

@@ -61,8 +61,8 @@ def test_patch_gram_declines_what_it_cannot_do():
     (dict(kernel_size=(3, 5), padding=(0, 1)), False),  # no image column every kernel column takes (W = 6)
 ])
 def test_conv_statistics_match_the_patch_matrix(channels_last, bias, conv, shifted):
-    """``batch_outer_A`` of a conv layer (the shifted route where it applies, the copy
-    otherwise) is ``A_k A_k^T`` of the explicitly formed ``A_k`` (``batch_A``)."""
+    """``batch_outer_A`` of a conv layer by every route (the shifted products where they apply,
+    the patch copy otherwise) is ``A_k A_k^T`` of the explicitly formed ``A_k`` (``batch_A``)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, bias=bias, **conv)).double()
     x = torch.randn(5, 3, 7, 6, dtype=torch.float64)
@@ -73,5 +73,30 @@ def test_conv_statistics_match_the_patch_matrix(channels_last, bias, conv, shift
     lc = cap.layers[0]
     model(x).sum().backward()
     A = lc.batch_A()
-    torch.testing.assert_close(lc.batch_outer_A(), A @ A.mT, rtol=1e-12, atol=1e-12)
+    for route in ("auto", "shifted", "patches"):
+        torch.testing.assert_close(lc.batch_outer_A(route=route), A @ A.mT, rtol=1e-12, atol=1e-12)
     assert (lc._shifted_patch_gram(lc.inputs) is not None) == shifted
+
+
+def test_auto_route_takes_the_shifted_products_where_they_pay(monkeypatch):
+    """``route='auto'``: shifted products for a layer with ``d >= SHIFTED_MIN_D`` and enough
+    work, the patch copy for a small one (``SHIFTED_MIN_*``); an unknown route is an error."""
+    import bkfac.curvature.capture as capture_mod
+
+    calls = []
+    real = capture_mod.conv_patch_gram
+    monkeypatch.setattr(capture_mod, "conv_patch_gram", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(16, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)).double()
+    x = torch.randn(8, 16, 32, 32, dtype=torch.float64)
+    cap = KFactorCapture(model)
+    model(x).sum().backward()
+    big, small = cap.layers
+    assert big.d_A - 1 == 144 >= capture_mod.SHIFTED_MIN_D and 144**2 * 8 * 32 * 32 >= capture_mod.SHIFTED_MIN_WORK
+    A = big.batch_A()
+    torch.testing.assert_close(big.batch_outer_A(), A @ A.mT, rtol=1e-12, atol=1e-12)
+    assert calls == [(8, 16, 32, 32)]
+    small.batch_outer_A()
+    assert len(calls) == 1  # d = 36 < SHIFTED_MIN_D: the patch copy
+    with pytest.raises(ValueError, match="route"):
+        big.batch_outer_A(route="fast")

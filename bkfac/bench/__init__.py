@@ -1,4 +1,4 @@
-"""Benchmarks: ``bkfac bench {linalg,apply,step,ab,peer,distributed,all}``.
+"""Benchmarks: ``bkfac bench {linalg,apply,step,ab,stats,peer,distributed,all}``.
 
 Each part lives in its own module with a ``main(args) -> int`` entry point, registered in
 :data:`PARTS` as ``"module:function"`` and imported only when that part runs. A part whose
@@ -13,6 +13,7 @@ apply      Alg. 8 against the standard low-rank and the dense inverse applicatio
            for FC0's shapes (DESIGN's 5x target)
 step       per-step time breakdown of every optimizer
 ab         one optimizer against itself with hyper-parameters changed (``--set``)
+stats      the conv layers' K-factor statistics: shifted products against the patch copy
 peer       comparison against peer implementations
 distributed  data-parallel statistics and inverse-work sharding
 =========  =====================================================================
@@ -41,6 +42,7 @@ PARTS: dict[str, str] = {
     "apply": "bkfac.bench.apply:main",
     "step": "bkfac.bench.step:main",
     "ab": "bkfac.bench.ab:main",
+    "stats": "bkfac.bench.stats:main",
     "peer": "bkfac.bench.peer:main",
     "distributed": "bkfac.bench.distributed:main",
 }
@@ -88,7 +90,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
                         "shared, oversubscribed machine")
     parser.add_argument("--no-figure", action="store_true", help="do not write the matplotlib figure")
     parser.add_argument("--profile", default=None,
-                        help="run profile whose model/hyper-parameters the step and peer parts use "
+                        help="run profile whose model/hyper-parameters the step, stats and peer parts use "
                         "(their default: cpu; smoke with --quick; paper on CUDA)")
     parser.add_argument("--optimizer", default=None,
                         help="ab: the run (or optimizer) of the profile to compare with itself (default b-kfac)")

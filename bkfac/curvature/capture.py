@@ -67,7 +67,18 @@ from torch import Tensor
 from ..linalg.lowrank import gram
 from .patches import conv_patch_gram
 
-__all__ = ["KFactorCapture", "LayerCapture", "supported_reason"]
+__all__ = ["KFactorCapture", "LayerCapture", "supported_reason", "SHIFTED_MIN_D", "SHIFTED_MIN_WORK"]
+
+#: The statistics take a conv layer's ``A_k A_k^T`` from shifted products of its input
+#: (:mod:`bkfac.curvature.patches`) on the CPU when its patch has at least this many entries
+#: (``C_in kh kw``) and the explicit product at least ``SHIFTED_MIN_WORK`` multiply-adds
+#: (``d^2 N``). Set from ``bkfac bench stats`` on one core of the 2-core build machine: the
+#: shifted products were 2.3-3.1x faster for the ``cpu`` model's layers with ``d >= 144``,
+#: 1.1-1.3x for its ``d = 27, 72`` layers at batch 256 (``d^2 N`` 1.9e8 to 1.4e9), and 2x
+#: slower for the ``smoke`` model's ``d = 27, 72`` layers at batch 64 (``d^2 N`` 4.8e7 and
+#: 8.5e7), where their hundred-odd small products cost more than they save.
+SHIFTED_MIN_D = 64
+SHIFTED_MIN_WORK = 150_000_000
 
 
 def _conv_padding(module: nn.Conv2d):
@@ -341,15 +352,22 @@ class LayerCapture:
             raise RuntimeError(f"layer '{self.name}': input and output-gradient positions differ ({N} vs {G.shape[1]})")
         return A, G, self.grad_scale(reduction)
 
-    def batch_outer_A(self, dtype=None) -> Tensor:
+    def batch_outer_A(self, dtype=None, route: str = "auto") -> Tensor:
         """``A_k A_k^T`` (d_A x d_A) without forming ``A_k``, the bias row and column from the
         column sums. A stride-1 convolution on the CPU takes it from shifted products of its
         input (:meth:`_shifted_patch_gram`); other layers copy the patches once and take one
         GEMM (the one-copy statistics of commit 4d7939d), a conv input stored channels_last as
         rows of ``(kh, kw, C_in)`` patches (:meth:`_patch_rows_nhwc`), the small result
-        reordered."""
+        reordered. ``route`` (for comparisons, ``bkfac bench stats``): ``'auto'`` as just
+        said (the shifted products where they pay, :data:`SHIFTED_MIN_D` and
+        :data:`SHIFTED_MIN_WORK`), ``'shifted'`` the shifted products wherever they apply (any
+        device), ``'patches'`` the patch copy always."""
+        if route not in ("auto", "shifted", "patches"):
+            raise ValueError(f"route must be 'auto', 'shifted' or 'patches', got {route!r}")
         x = self._inputs(dtype)
-        shifted = self._shifted_patch_gram(x)
+        shifted = None
+        if route == "shifted" or (route == "auto" and self._shifted_pays(x)):
+            shifted = self._shifted_patch_gram(x, any_device=route == "shifted")
         rows = None if shifted is not None else self._patch_rows_nhwc(x)
         if shifted is not None:
             XXt, s = shifted
@@ -373,16 +391,24 @@ class LayerCapture:
         out[D, D] = N
         return out.mul_(1.0 / N)
 
-    def _shifted_patch_gram(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+    def _shifted_pays(self, x: Tensor) -> bool:
+        """Whether the shifted products beat the patch copy for this layer and batch: a patch
+        of at least :data:`SHIFTED_MIN_D` entries and at least :data:`SHIFTED_MIN_WORK`
+        multiply-adds in the explicit ``X X^T`` (below that, the shifted route's hundred-odd
+        small products cost more than they save)."""
+        d = self.d_A - int(self.has_bias)
+        return d >= SHIFTED_MIN_D and d * d * self._n_positions(x) >= SHIFTED_MIN_WORK
+
+    def _shifted_patch_gram(self, x: Tensor, any_device: bool = False) -> tuple[Tensor, Tensor] | None:
         """``(X X^T, X 1)`` of a stride-1, dilation-1 convolution's patches from shifted
         products of its input (:func:`~bkfac.curvature.patches.conv_patch_gram`: about 4x
         fewer flops than forming ``X``; 2.2x faster over the ``cpu`` model's 13 conv layers at
-        batch 256 on one core). CPU only: its 100-odd small products per layer would be
-        launch-bound on a GPU, where it is unmeasured, so CUDA keeps the one-GEMM route.
-        ``None`` where it does not apply."""
+        batch 256 on one core, ``bkfac bench stats``). CPU only: its 100-odd small products per
+        layer would be launch-bound on a GPU, where it is unmeasured, so CUDA keeps the
+        one-GEMM route (``any_device=True`` takes it there too). ``None`` where it does not apply."""
         m = self.module
-        if (self.kind != "conv2d" or x.device.type != "cpu" or x.dim() != 4 or tuple(m.stride) != (1, 1)
-                or tuple(m.dilation) != (1, 1)):
+        if (self.kind != "conv2d" or (x.device.type != "cpu" and not any_device) or x.dim() != 4
+                or tuple(m.stride) != (1, 1) or tuple(m.dilation) != (1, 1)):
             return None
         pad = _conv_padding(m)
         return None if pad is None else conv_patch_gram(x, m.kernel_size, pad, self.scratch.empty)
