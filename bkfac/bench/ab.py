@@ -22,8 +22,8 @@ from pathlib import Path
 import yaml
 
 from ..book import display_path
-from .common import (format_table, load_average, load_bench_profile, machine_info, resolve_device, resolve_dtype,
-                     round_ratios, set_threads, write_csv_atomic)
+from .common import (format_table, load_average, load_bench_profile, machine_info, machine_line, resolve_device,
+                     resolve_dtype, round_ratios, set_threads, write_csv_atomic)
 from .step import PHASES, bench_step, steps_per_epoch
 
 COLUMNS = ["variant", "optimizer", "settings"] + [f"{p}_s" for p in PHASES] + [
@@ -88,9 +88,7 @@ def main(args: argparse.Namespace) -> int:
     info = machine_info(device)
     print(f"bkfac bench ab  (profile {profile.name}, {run}: A as the profile, B with "
           + ", ".join(f"{k}={v}" for k, v in changes.items()) + f"; {steps_per_epoch(profile)} steps per epoch)")
-    print(f"machine: {info['cpu_model']}, {info['cpu_cores']} cores, torch {info['torch_version']} "
-          f"({info['torch_threads']} threads), device {info['device']} [{info['device_name']}]; "
-          f"load average {load_average()}")
+    print(machine_line(info))
     t0 = time.perf_counter()
     rows = bench_ab(profile, run, changes, device=device, dtype=resolve_dtype(args.dtype), repeats=args.repeats,
                     budget_s=args.max_seconds, seed=args.seed, warmup=not args.quick)

@@ -370,6 +370,14 @@ def load_average() -> str:
         return "n/a"
 
 
+def machine_line(info: dict) -> str:
+    """The ``machine:`` line every benchmark prints (and its log keeps; chapters read it):
+    CPU, cores, torch and its threads, the device, the load average now."""
+    return (f"machine: {info['cpu_model']}, {info['cpu_cores']} cores, torch {info['torch_version']} "
+            f"({info['torch_threads']} threads), device {info['device']} [{info['device_name']}]; "
+            f"load average {load_average()}")
+
+
 def verdict(ok: bool | None) -> str:
     """``PASS`` / ``FAIL`` / ``n/a`` (target not measurable in this run)."""
     return "n/a" if ok is None else ("PASS" if ok else "FAIL")

@@ -46,6 +46,7 @@ from .common import (
     round_ratios,
     loglog_slope,
     machine_info,
+    machine_line,
     resolve_device,
     resolve_dtype,
     save_figure_atomic,
@@ -299,9 +300,7 @@ def main(args: argparse.Namespace) -> int:
     set_threads(getattr(args, "threads", None))
     info = machine_info(device)
     print(f"bkfac bench linalg  ({'quick sizes' if args.quick else 'paper sizes'})")
-    print(f"machine: {info['cpu_model']}, {info['cpu_cores']} cores, torch {info['torch_version']} "
-          f"({info['torch_threads']} threads), device {info['device']} [{info['device_name']}]; "
-          f"load average {load_average()}")
+    print(machine_line(info))
     print(f"dtype: {args.dtype}{' (what training uses)' if dtype == torch.float32 else ''}; n={cfg['n']}, "
           f"r={cfg['r']}, q=r+{cfg['oversample']}, power iterations {cfg['power_iters']}, rho 0.95, "
           f"eigh for dim <= 8192; median of up to {args.repeats} runs, interleaved")

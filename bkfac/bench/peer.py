@@ -66,6 +66,7 @@ from .common import (
     load_average,
     load_bench_profile,
     machine_info,
+    machine_line,
     resolve_device,
     resolve_dtype,
     set_threads,
@@ -306,9 +307,7 @@ def main(args: argparse.Namespace) -> int:
               "view, which channels_last weights refuse)")
     print(f"peer: ASDL ({PEER_PACKAGE} {peer_version}) KfacGradientMaker, empirical Fisher, factors and Cholesky "
           "inverses every step; ours: k-fac with t_updt = t_inv = 1, eigh (the paper's) or Cholesky inverses every step")
-    print(f"machine: {info['cpu_model']}, {info['cpu_cores']} cores, torch {info['torch_version']} "
-          f"({info['torch_threads']} threads), device {info['device']} [{info['device_name']}]; "
-          f"load average {load_average()}")
+    print(machine_line(info))
     t0 = time.perf_counter()
     rows, factors = bench_peer(profile, asdl, device=device, dtype=dtype, repeats=args.repeats,
                                budget_s=args.max_seconds, seed=args.seed)

@@ -30,6 +30,7 @@ from .common import (
     load_average,
     load_bench_profile,
     machine_info,
+    machine_line,
     resolve_device,
     resolve_dtype,
     round_ratios,
@@ -103,9 +104,7 @@ def main(args: argparse.Namespace) -> int:
     set_threads(getattr(args, "threads", None))
     info = machine_info(device)
     print(f"bkfac bench stats  (profile {profile.name}: model {profile.model}, batch {profile.train['batch_size']})")
-    print(f"machine: {info['cpu_model']}, {info['cpu_cores']} cores, torch {info['torch_version']} "
-          f"({info['torch_threads']} threads), device {info['device']} [{info['device_name']}]; "
-          f"load average {load_average()}")
+    print(machine_line(info))
     print(f"dtype {args.dtype}; each conv layer's A_k A_k^T by the patch copy and by shifted products, median of "
           f"up to {args.repeats} runs after a warm-up, interleaved; ratio = patches / shifted")
     t0 = time.perf_counter()

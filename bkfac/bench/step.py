@@ -75,6 +75,7 @@ from .common import (
     round_ratios,
     load_bench_profile,
     machine_info,
+    machine_line,
     resolve_device,
     resolve_dtype,
     save_figure_atomic,
@@ -470,9 +471,7 @@ def main(args: argparse.Namespace) -> int:
     info = machine_info(device)
     print(f"bkfac bench step  (profile {profile.name}: model {profile.model}, batch {profile.train['batch_size']}, "
           f"{steps_per_epoch(profile)} steps per epoch)")
-    print(f"machine: {info['cpu_model']}, {info['cpu_cores']} cores, torch {info['torch_version']} "
-          f"({info['torch_threads']} threads), device {info['device']} [{info['device_name']}]; "
-          f"load average {load_average()}")
+    print(machine_line(info))
     print(f"data: CIFARLoader augmentation over synthetic uint8 images on {device}; dtype {args.dtype}; "
           f"median of up to {args.repeats} runs per kind of step{'' if args.quick else ' after a warm-up'}, "
           "interleaved; per-epoch time amortised over the "
