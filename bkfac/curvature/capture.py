@@ -354,8 +354,8 @@ class LayerCapture:
 
     def batch_outer_A(self, dtype=None, route: str = "auto") -> Tensor:
         """``A_k A_k^T`` (d_A x d_A) without forming ``A_k``, the bias row and column from the
-        column sums. A stride-1 convolution on the CPU takes it from shifted products of its
-        input (:meth:`_shifted_patch_gram`); other layers copy the patches once and take one
+        column sums. A stride-1 convolution on the CPU, large enough, takes it from shifted
+        products of its input (:meth:`_shifted_patch_gram`); other layers copy the patches once and take one
         GEMM (the one-copy statistics of commit 4d7939d), a conv input stored channels_last as
         rows of ``(kh, kw, C_in)`` patches (:meth:`_patch_rows_nhwc`), the small result
         reordered. ``route`` (for comparisons, ``bkfac bench stats``): ``'auto'`` as just
@@ -396,6 +396,8 @@ class LayerCapture:
         of at least :data:`SHIFTED_MIN_D` entries and at least :data:`SHIFTED_MIN_WORK`
         multiply-adds in the explicit ``X X^T`` (below that, the shifted route's hundred-odd
         small products cost more than they save)."""
+        if self.kind != "conv2d":
+            return False
         d = self.d_A - int(self.has_bias)
         return d >= SHIFTED_MIN_D and d * d * self._n_positions(x) >= SHIFTED_MIN_WORK
 
