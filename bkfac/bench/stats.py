@@ -71,7 +71,7 @@ def bench_stats(profile, *, device="cpu", dtype=torch.float32, repeats: int = 3,
     _, capture = _recorded_model(profile, device, dtype, seed)
     rows, rounds = [], []
     for lc in capture.layers:
-        if lc.kind != "conv2d" or lc._shifted_patch_gram(lc.inputs, any_device=True) is None:
+        if not lc.shifted_applies(lc.inputs, any_device=True):
             continue
         t = time_interleaved({"patches": lambda lc=lc: lc.batch_outer_A(route="patches"),
                               "shifted": lambda lc=lc: lc.batch_outer_A(route="shifted")},

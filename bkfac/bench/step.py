@@ -95,8 +95,8 @@ __all__ = [
 OPTIMIZERS = ("sgd", "seng", "k-fac", "r-kfac", "sre-kfac", "b-kfac", "b-r-kfac", "b-kfac-c")
 #: Phases of one training step, as in the training harness (``bkfac.experiments.train``).
 PHASES = ("data", "forward_backward", "statistics", "inverse", "precondition", "rest")
-#: (optimizer, reference, largest allowed ratio of t_epoch) -- DESIGN's end-to-end targets.
-#: DESIGN's second rung of end-to-end targets by device type: b-kfac's t_epoch at most 1.15x SGD's
+#: (optimizer, reference, largest allowed ratio of t_epoch) by device type -- DESIGN's second
+#: rung of end-to-end targets: b-kfac's t_epoch at most 1.15x SGD's
 #: on the cpu model (1.4x on an H200 with the paper's model) and at most 0.45x k-fac's (0.5x, the
 #: first rung, on CUDA).
 TARGETS = {"cpu": (("b-kfac", "sgd", 1.15), ("b-kfac", "k-fac", 0.45)),

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..linalg.lowrank import gram
-from .patches import conv_patch_gram
+from .patches import conv_patch_gram, shifted_plan
 
 __all__ = ["KFactorCapture", "LayerCapture", "supported_reason", "SHIFTED_MIN_D", "SHIFTED_MIN_WORK"]
 
@@ -408,12 +408,21 @@ class LayerCapture:
         batch 256 on one core, ``bkfac bench stats``). CPU only: its 100-odd small products per
         layer would be launch-bound on a GPU, where it is unmeasured, so CUDA keeps the
         one-GEMM route (``any_device=True`` takes it there too). ``None`` where it does not apply."""
+        if not self.shifted_applies(x, any_device):
+            return None
+        return conv_patch_gram(x, self.module.kernel_size, _conv_padding(self.module), self.scratch.empty)
+
+    def shifted_applies(self, x: Tensor, any_device: bool = False) -> bool:
+        """Whether :meth:`_shifted_patch_gram` can take this layer's statistics for input ``x``
+        (a stride-1, dilation-1 conv on the CPU, or anywhere with ``any_device``, whose kernel
+        columns share an image column: :func:`~bkfac.curvature.patches.shifted_plan`); no
+        arithmetic."""
         m = self.module
         if (self.kind != "conv2d" or (x.device.type != "cpu" and not any_device) or x.dim() != 4
                 or tuple(m.stride) != (1, 1) or tuple(m.dilation) != (1, 1)):
-            return None
+            return False
         pad = _conv_padding(m)
-        return None if pad is None else conv_patch_gram(x, m.kernel_size, pad, self.scratch.empty)
+        return pad is not None and shifted_plan(tuple(x.shape[2:]), m.kernel_size, pad) is not None
 
     def batch_outer_G(self, reduction: str = "mean", dtype=None) -> Tensor:
         """``G_k G_k^T`` (d_G x d_G) without forming ``G_k`` (a conv's output gradient stored

@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["conv_patch_gram"]
+__all__ = ["conv_patch_gram", "shifted_plan"]
 
 
 def _bands(ranges: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
@@ -55,6 +55,26 @@ def _inside(band: tuple[int, int], rng: tuple[int, int]) -> bool:
     return rng[0] <= band[0] and band[1] <= rng[1]
 
 
+def shifted_plan(image: tuple[int, int], kernel_size: tuple[int, int], padding: tuple[int, int]):
+    """``(rows, cols, row_bands, edge_bands)`` of :func:`conv_patch_gram` for an ``H x W``
+    image: the image rows (columns) each kernel row (column) reaches, the row bands on which
+    all kernel rows agree and the column bands outside the columns every kernel column takes.
+    ``None`` where the shifted route does not apply (no output position, or no shared column)."""
+    H, W = image
+    kh, kw = kernel_size
+    ph, pw = padding
+    Ho, Wo = H + 2 * ph - kh + 1, W + 2 * pw - kw + 1
+    if Ho < 1 or Wo < 1:
+        return None
+    # the image rows / columns q may take for kernel row i / column j (empty: (lo, lo))
+    rows = [_clip(i - ph, i - ph + Ho, H) for i in range(kh)]
+    cols = [_clip(j - pw, j - pw + Wo, W) for j in range(kw)]
+    shared = (max(c[0] for c in cols), min(c[1] for c in cols))  # columns every offset takes
+    if shared[1] <= shared[0]:
+        return None
+    return rows, cols, _bands(rows, H), [c for c in _bands(cols, W) if c != shared]
+
+
 def conv_patch_gram(x: Tensor, kernel_size: tuple[int, int], padding: tuple[int, int],
                     empty: Callable[[int, int, Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor] | None:
     """``(X X^T, X 1)`` of the patch matrix ``X`` of a stride-1, dilation-1, zero-padded
@@ -65,20 +85,12 @@ def conv_patch_gram(x: Tensor, kernel_size: tuple[int, int], padding: tuple[int,
     share no column of the image (an image narrower than the kernel's reach). ``empty(rows,
     cols, like)`` gives the shifted-input buffer (default: a fresh tensor; the statistics pass
     their reused host block, :class:`~bkfac.curvature.capture.Scratch`)."""
+    plan = shifted_plan(x.shape[2:], kernel_size, padding)
+    if plan is None:
+        return None
+    rows, cols, row_bands, edge_bands = plan
     n, C, H, W = x.shape
     kh, kw = kernel_size
-    ph, pw = padding
-    Ho, Wo = H + 2 * ph - kh + 1, W + 2 * pw - kw + 1
-    if Ho < 1 or Wo < 1:
-        return None
-    # the image rows / columns q may take for kernel row i / column j (empty: (lo, lo))
-    rows = [_clip(i - ph, i - ph + Ho, H) for i in range(kh)]
-    cols = [_clip(j - pw, j - pw + Wo, W) for j in range(kw)]
-    row_bands = _bands(rows, H)
-    shared = (max(c[0] for c in cols), min(c[1] for c in cols))  # columns every offset takes
-    if shared[1] <= shared[0]:
-        return None
-    edge_bands = [c for c in _bands(cols, W) if c != shared]
     Wc, Hc = W + kw - 1, H + kh - 1
     # shifts d = b - a with b after a in (row, column) order: dy > 0, or dy = 0 and dx >= 0
     shifts = [(dy, dx) for dy in range(kh) for dx in range(-(kw - 1), kw) if dy > 0 or dx >= 0]
